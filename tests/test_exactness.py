@@ -1,0 +1,140 @@
+"""Acceptance (issue 2): every reduced form computes the vanilla model's function.
+
+Each case compares three things on random, well-conditioned weights: the
+vanilla MLX model, the reduced MLX model made by fusion, and an independent
+float64 numpy forward of the vanilla model (tests/reference.py)."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import reference
+from harness import build, fused_model, logits, rel_err, tiny_args, tokens
+from mlx_skipless import fusion, layout, synthetic
+
+TOL = 1e-5
+ATTENTION = {"mha": 4, "mqa": 1, "gqa": 2}  # num_key_value_heads with 4 heads
+FFN = {
+    "mlp": dict(mlp_type="mlp", hidden_act="gelu"),
+    "glu": dict(mlp_type="glu", hidden_act="silu"),
+    "moe": dict(mlp_type="glu", hidden_act="silu", num_local_experts=4, num_experts_per_tok=2),
+}
+POSITIONS = {
+    "rope": dict(position_embedding_type="rope"),
+    "partial": dict(position_embedding_type="rope", partial_rotary_factor=0.5),
+    "learned": dict(position_embedding_type="learned"),
+    "none": dict(position_embedding_type="none"),
+}
+GRID = list(itertools.product("qkv", ATTENTION, ("serial", "parallel"), FFN, POSITIONS,
+                              (True, False), (True, False)))
+
+
+def config(attention, layout_, ffn, positions, bias, tied, **kw):
+    return tiny_args(num_key_value_heads=ATTENTION[attention], parallel_block=layout_ == "parallel",
+                     attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
+                     **FFN[ffn], **POSITIONS[positions], **kw)
+
+
+def check_exact(args, plan, seed=0):
+    flat = synthetic.random_flat(args, seed=seed)
+    toks = tokens(8, args.vocab_size, seed)
+    ref = reference.forward(layout.weights_from_flat(flat, args), args, toks)
+    vanilla = logits(build(args, flat), toks)
+    reduced_model, reduced, _ = fused_model(args, flat, plan)
+    reduced_logits = logits(reduced_model, toks)
+    assert rel_err(vanilla, ref) <= TOL
+    assert rel_err(reduced_logits, ref) <= TOL
+    assert rel_err(reduced_logits, vanilla) <= TOL
+    return reduced
+
+
+@pytest.mark.parametrize("remove,attention,layout_,ffn,positions,bias,tied", GRID,
+                         ids=["-".join(map(str, case)) for case in GRID])
+def test_reduced_equals_vanilla_and_float64_reference(remove, attention, layout_, ffn, positions, bias, tied):
+    args = config(attention, layout_, ffn, positions, bias, tied)
+    plan = fusion.default_plan(args, remove)
+    if remove != "q" and attention != "mha":
+        with pytest.raises(ValueError, match=f"cannot remove {remove.upper()}.*MHA"):
+            fusion.fuse(layout.weights_from_flat(synthetic.random_flat(args), args), args, plan)
+        return
+    reduced = check_exact(args, plan)
+    assert reduced.removed == [remove + ("" if layout_ == "parallel" else "p")] * 2
+    # The embedding absorbed the first block's matrix, so a tied head unties.
+    assert not reduced.tie_word_embeddings
+
+
+@st.composite
+def configs(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    square = draw(st.booleans())  # head_dim * heads == hidden_size, else decoupled
+    d = heads * head_dim if square else draw(st.sampled_from([16, 24, 48]))
+    kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    parallel = draw(st.booleans())
+    ffn = dict(draw(st.sampled_from(list(FFN.values()))))
+    ffn["hidden_act"] = draw(st.sampled_from(["gelu", "gelu_new", "silu", "relu"]))
+    kw = dict(
+        hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        num_hidden_layers=draw(st.integers(1, 3)), intermediate_size=draw(st.sampled_from([16, 40])),
+        parallel_block=parallel, attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()),
+        final_norm=draw(st.sampled_from([None, "rmsnorm", "layernorm"])),
+        **ffn, **draw(st.sampled_from(list(POSITIONS.values()))),
+    )
+    args = tiny_args(**kw)
+    # A per-layer plan: each layer removes a legal square matrix, or keeps it.
+    legal = [""] + [n for n, w in (("q", heads), ("k", kv), ("v", kv)) if w * head_dim == d]
+    bases = draw(st.lists(st.sampled_from(legal), min_size=args.num_hidden_layers,
+                          max_size=args.num_hidden_layers))
+    plan = [b + ("p" if fusion.merges_p(args) else "") for b in bases]
+    return args, plan, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(configs())
+def test_random_configs_and_per_layer_plans_are_exact(case):
+    args, plan, seed = case
+    reduced = check_exact(args, plan, seed)
+    assert reduced.removed == plan
+
+
+def test_removal_needs_a_square_matrix_and_names_it():
+    args = tiny_args(num_key_value_heads=2)
+    with pytest.raises(ValueError, match="layer 0: cannot remove K: it is 32x16.*MQA/GQA remove Q"):
+        fusion.reduced_args(args, ["kp", "kp"])
+    decoupled = tiny_args(head_dim=16)  # 4 heads x 16 = 64 != 32
+    with pytest.raises(ValueError, match="cannot remove Q: it is 32x64"):
+        fusion.reduced_args(decoupled, ["q", "q"])
+
+
+def test_parallel_conversion_never_drops_p():
+    args = tiny_args(parallel_block=True)
+    with pytest.raises(fusion.FusionError, match="parallel block cannot lose P exactly"):
+        fusion.reduced_args(args, ["qp", "qp"])
+
+
+def test_fusion_refuses_blocks_with_norms_or_residuals():
+    for kw, what in ((dict(residual=True), "residual adds"), (dict(block_norm="rmsnorm"), "rmsnorm inside")):
+        with pytest.raises(fusion.FusionError, match=what):
+            fusion.reduced_args(tiny_args(**kw), ["qp", "qp"])
+
+
+def test_singular_matrix_names_layer_and_matrix():
+    args = tiny_args()
+    flat = synthetic.random_flat(args)
+    flat["model.layers.1.self_attn.q_proj.weight"][:, 3] = 0.0
+    w = layout.weights_from_flat(flat, args)
+    with pytest.raises(fusion.FusionError, match="layer 1: self_attn.q_proj is singular"):
+        fusion.fuse(w, args, ["qp", "qp"])
+
+
+def test_condition_numbers_are_reported_per_inverted_matrix():
+    args = tiny_args(num_hidden_layers=3)
+    flat = synthetic.random_flat(args)
+    _, _, inverted = fused_model(args, flat, ["qp", "p", "qp"])
+    assert [(m.layer, m.matrix) for m in inverted] == [(0, "q_proj"), (2, "q_proj")]
+    for m in inverted:
+        W = flat[f"model.layers.{m.layer}.self_attn.q_proj.weight"]
+        assert m.cond == pytest.approx(np.linalg.cond(W), rel=1e-9)
