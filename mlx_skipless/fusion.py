@@ -12,7 +12,7 @@ output projection P also folds forward into the FFN input matrices (M* = P·M).
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -131,22 +131,38 @@ def fuse(weights: Weights, args: ModelArgs, plan: Sequence[str]):
     """Return (reduced Weights, reduced ModelArgs, [InvertedMatrix]) for `plan`,
     the target `removed` form of every layer."""
     new_args = reduced_args(args, plan)
-    bases = [basis_of(layer, form, i) for i, (layer, form) in enumerate(zip(weights.layers, plan))]
-    inverted = [b[1] for b in bases if b is not None]
-    layers = []
-    for i, (layer, form) in enumerate(zip(weights.layers, plan)):
-        nxt = bases[i + 1][0] if i + 1 < len(bases) and bases[i + 1] else None
-        layers.append(fuse_block(layer, form, args.parallel_block, nxt))
+    fused = list(fuse_layers(weights.layers.__getitem__, plan, args.parallel_block))
+    first = basis_of(weights.layers[0], plan[0], 0)
+    out = replace(weights, layers=[layer for _, layer, _ in fused])
+    out.embed, out.positions, out.head = fuse_embeddings(
+        weights.embed, weights.positions, weights.head, first and first[0]
+    )
+    return out, new_args, [m for _, _, m in fused if m is not None]
 
-    out = replace(weights, layers=layers)
-    if bases[0] is not None:
-        first = bases[0][0]
-        out.embed = weights.embed @ first.W + first.b  # the bias is added once, here
-        if weights.positions is not None:
-            out.positions = weights.positions @ first.W
-        if weights.head is None:
-            out.head = weights.embed.T  # the head keeps the original embedding
-    return out, new_args, inverted
+
+def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], plan: Sequence[str], parallel: bool):
+    """Yield (original block i, fused block i, its InvertedMatrix or None) in
+    order. Block i needs only block i+1's basis: two blocks are held at once."""
+    current = read_layer(0)
+    basis = basis_of(current, plan[0], 0)
+    for i in range(len(plan)):
+        upcoming = read_layer(i + 1) if i + 1 < len(plan) else None
+        upcoming_basis = basis_of(upcoming, plan[i + 1], i + 1) if upcoming else None
+        fused = fuse_block(current, plan[i], parallel, upcoming_basis and upcoming_basis[0])
+        yield current, fused, basis and basis[1]
+        current, basis = upcoming, upcoming_basis
+
+
+def fuse_embeddings(embed, positions, head, basis: Optional[Affine]):
+    """(embed, positions, head) once the first block's basis is absorbed."""
+    if basis is None:
+        return embed, positions, head
+    if head is None:
+        head = embed.T  # a tied head keeps the original embedding
+    embed = embed @ basis.W + basis.b  # every token gets one row: the bias is added once
+    if positions is not None:
+        positions = positions @ basis.W
+    return embed, positions, head
 
 
 def basis_of(layer: Dict[str, Affine], form: str, index: int):

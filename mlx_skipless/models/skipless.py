@@ -279,13 +279,16 @@ class SkiplessModel(nn.Module):
         if args.final_norm:
             self.norm = NORMS[args.final_norm](args.hidden_size, eps=args.norm_eps)
 
-    def __call__(self, inputs, cache=None):
+    def embed(self, inputs, offset: int = 0):
         h = self.embed_tokens(inputs)
+        if "embed_positions" in self:
+            h = h + self.embed_positions(mx.arange(offset, offset + inputs.shape[1]))
+        return h
+
+    def __call__(self, inputs, cache=None):
         if cache is None:
             cache = [None] * len(self.layers)
-        if "embed_positions" in self:
-            offset = cache[0].offset if cache[0] is not None else 0
-            h = h + self.embed_positions(mx.arange(offset, offset + inputs.shape[1]))
+        h = self.embed(inputs, cache[0].offset if cache[0] is not None else 0)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
@@ -302,10 +305,12 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None):
-        out = self.model(inputs, cache)
+        return self.head(self.model(inputs, cache))
+
+    def head(self, h):
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     @property
     def layers(self):

@@ -1,0 +1,165 @@
+"""Checkpoint files: find them, read tensors lazily, write mlx-lm's layout atomically."""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import mlx.core as mx
+import numpy as np
+
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "generation_config.json", "chat_template.json", "chat_template.jinja")
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class CheckpointError(ValueError):
+    """Bad input: the message says what is wrong and what to do."""
+
+
+def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local directory, or a Hugging Face repo id downloaded to the hub cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a model directory or a hub repo id")
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_repo}: no such directory, and not a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise CheckpointError(f"could not download {path_or_repo!r}: {e}") from e
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+
+
+class TensorSource:
+    """The tensors of a (sharded) safetensors checkpoint, read one at a time.
+
+    Each read opens the file afresh: MLX loads lazily but keeps what was
+    evaluated, so holding one dict would keep every tensor read so far."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"{path} has no *.safetensors weight files")
+        self.files = {}
+        for name in files:
+            f = path / name
+            if not f.exists():
+                raise CheckpointError(f"{f} is missing (listed in {index.name})")
+            try:
+                keys = mx.load(str(f)).keys()  # lazy: checks the header and file size
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{f} is unreadable or truncated: {e}") from None
+            self.files.update({k: f for k in keys})
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.files))
+            if missing:
+                raise CheckpointError(f"tensors listed in the index are missing from the shards: {missing[:5]}")
+
+    def keys(self) -> Iterable[str]:
+        return self.files.keys()
+
+    def mlx(self, key: str) -> mx.array:
+        return mx.load(str(self.files[key]))[key]
+
+    def numpy(self, key: str) -> np.ndarray:
+        """The tensor in float64, for fusion."""
+        return np.array(self.mlx(key).astype(mx.float32), dtype=np.float64)
+
+    def dtype(self) -> str:
+        """The checkpoint's storage dtype, as mlx names it ('bfloat16', ...)."""
+        key = next(k for k in self.files if k.endswith("weight"))
+        return str(self.mlx(key).dtype).removeprefix("mlx.core.")
+
+
+class ShardWriter:
+    """Writes tensors as they come into mlx-lm's layout: model.safetensors, or
+    model-0000i-of-0000N.safetensors shards of at most 5 GB plus the index."""
+
+    def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: Dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.written = []  # [(temporary file, [keys])]
+        self.total_bytes = self.total_parameters = 0
+
+    def add(self, tensors: Dict[str, mx.array]):
+        for key, value in tensors.items():
+            mx.eval(value)
+            if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+                self.flush()
+            self.pending[key] = value
+            self.pending_bytes += value.nbytes
+            self.total_bytes += value.nbytes
+
+    def flush(self):
+        if not self.pending:
+            return
+        f = self.directory / f"shard-{len(self.written):05d}.tmp.safetensors"
+        mx.save_safetensors(str(f), self.pending, metadata={"format": "mlx"})
+        self.written.append((f, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, total_parameters: int):
+        self.flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, (f, keys) in enumerate(self.written):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            f.rename(self.directory / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+@contextmanager
+def staged_directory(final: Path, force: bool = False):
+    """Yield a temporary directory beside `final`; it becomes `final` only if the
+    block completes, so a failed or interrupted run leaves nothing half-written."""
+    final = Path(final)
+    if final.exists() and not force:
+        raise CheckpointError(f"{final} exists; pass --force to overwrite it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final)
+
+
+def copy_tokenizer(src: Path, dst: Path):
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)

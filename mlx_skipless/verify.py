@@ -1,0 +1,67 @@
+"""How far a converted model is from its original, next to what plain rounding costs.
+
+Fusion is exact on paper but multiplies rounding error by up to cond(Q) (DESIGN
+§3), so a number on its own says little: each figure for the converted model
+comes with the same figure for the *unconverted* model stored in that dtype.
+"""
+
+from typing import Dict
+
+import mlx.core as mx
+import numpy as np
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+EXACT = {"max_rel_error": 0.0, "top1_agreement": 1.0, "kl": 0.0}
+
+
+def probe_tokens(vocab_size: int, batch: int = 4, length: int = 32, seed: int = 0) -> mx.array:
+    """A fixed batch of random token ids: every run verifies on the same input."""
+    return mx.array(np.random.default_rng(seed).integers(0, vocab_size, (batch, length)))
+
+
+def logits64(model, tokens: mx.array) -> np.ndarray:
+    out = model(tokens).astype(mx.float32)
+    return np.array(out, dtype=np.float64)
+
+
+def compare(test: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
+    """Max relative logit error, top-1 agreement and mean KL(ref || test)."""
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(test)
+    return {
+        "max_rel_error": float(np.abs(test - ref).max() / np.abs(ref).max()),
+        "top1_agreement": float((test.argmax(-1) == ref.argmax(-1)).mean()),
+        "kl": float((np.exp(lp) * (lp - lq)).sum(-1).mean()),
+    }
+
+
+def is_degraded(converted: Dict[str, float], rounding: Dict[str, float]) -> bool:
+    """Clearly worse than storing the original in the same dtype: over a point
+    of top-1 agreement lost, or a logit error both large and 10x rounding's."""
+    lost_top1 = converted["top1_agreement"] < rounding["top1_agreement"] - 0.01
+    big_error = converted["max_rel_error"] > max(10 * rounding["max_rel_error"], 1e-2)
+    return lost_top1 or big_error
+
+
+class Streams:
+    """Probe tokens pushed through several models that arrive one block at a time."""
+
+    def __init__(self, tokens: mx.array):
+        self.tokens, self.h = tokens, {}
+
+    def start(self, name, shell):
+        self.h[name] = shell.model.embed(self.tokens)
+
+    def step(self, name, block):
+        self.h[name] = block(self.h[name], "causal")
+        mx.eval(self.h[name])
+
+    def finish(self, name, shell) -> np.ndarray:
+        h = self.h.pop(name)
+        h = shell.model.norm(h) if "norm" in shell.model else h
+        return np.array(shell.head(h).astype(mx.float32), dtype=np.float64)

@@ -1,0 +1,70 @@
+"""Checkpoint files: lazy sharded reading, mlx-lm's shard layout, atomic output."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_skipless.checkpoint import CheckpointError, ShardWriter, TensorSource, staged_directory
+
+
+def write_shards(path, tensors, max_bytes):
+    writer = ShardWriter(path, max_bytes=max_bytes)
+    writer.add({k: mx.array(v) for k, v in tensors.items()})
+    writer.close(total_parameters=sum(v.size for v in tensors.values()))
+
+
+def test_shards_follow_mlx_lm_layout_and_read_back(tmp_path):
+    tensors = {f"t{i}": np.full((16, 16), i, np.float32) for i in range(5)}
+    write_shards(tmp_path, tensors, max_bytes=2 * 16 * 16 * 4)
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_parameters"] == 5 * 256
+    source = TensorSource(tmp_path)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(source.numpy(k), v)
+
+
+def test_single_file_is_model_safetensors(tmp_path):
+    write_shards(tmp_path, {"a": np.zeros(4, np.float32)}, max_bytes=1 << 20)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_missing_and_truncated_shards_are_named(tmp_path):
+    tensors = {f"t{i}": np.ones((64, 64), np.float32) for i in range(2)}
+    write_shards(tmp_path, tensors, max_bytes=64 * 64 * 4)
+    second = tmp_path / "model-00002-of-00002.safetensors"
+    data = second.read_bytes()
+    second.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is unreadable or truncated"):
+        TensorSource(tmp_path)
+    second.unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is missing"):
+        TensorSource(tmp_path)
+
+
+def test_no_weights_at_all(tmp_path):
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weight files"):
+        TensorSource(tmp_path)
+
+
+def test_staged_directory_is_all_or_nothing(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_directory(final) as staging:
+            (staging / "half.txt").write_text("written")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with staged_directory(final) as staging:
+        (staging / "done.txt").write_text("complete")
+    assert (final / "done.txt").exists()
+    with pytest.raises(CheckpointError, match="exists; pass --force"):
+        with staged_directory(final):
+            pass
+    with staged_directory(final, force=True) as staging:
+        (staging / "new.txt").write_text("replaced")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
