@@ -64,16 +64,17 @@ class TensorSource:
             weight_map = None
         if not files:
             raise CheckpointError(f"{path} has no *.safetensors weight files")
-        self.files = {}
+        self.files, self.shapes = {}, {}
         for name in files:
             f = path / name
             if not f.exists():
                 raise CheckpointError(f"{f} is missing (listed in {index.name})")
             try:
-                keys = mx.load(str(f)).keys()  # lazy: checks the header and file size
+                arrays = mx.load(str(f))  # lazy: checks the header and file size
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f"{f} is unreadable or truncated: {e}") from None
-            self.files.update({k: f for k in keys})
+            self.files.update({k: f for k in arrays})
+            self.shapes.update({k: tuple(v.shape) for k, v in arrays.items()})
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.files))
             if missing:

@@ -121,7 +121,8 @@ def check_fusable(args: ModelArgs):
         raise FusionError(
             "fusion needs a skipless model: this config has "
             + ("residual adds" if args.residual else f"{args.block_norm} inside its blocks")
-            + ", and a matrix cannot move across either without changing the function"
+            + ", and a matrix cannot move across either without changing the function. "
+            "Remove them first: python -m mlx_skipless.normfree (the norm-removal recipe)"
         )
     if any(args.removed):
         raise FusionError("fusion starts from a vanilla model; this one is already reduced")

@@ -1,0 +1,100 @@
+"""Open skipless checkpoints (any supported family) and converted models."""
+
+from dataclasses import asdict, replace
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import families
+from .checkpoint import CheckpointError, TensorSource, read_config, resolve
+from .models.skipless import Block, Model, ModelArgs
+
+
+class SkiplessCheckpoint:
+    """A vanilla skipless checkpoint in a Hugging Face layout, its tensors
+    mapped to the skipless model's names and read lazily, block by block."""
+
+    def __init__(self, path_or_repo: str, revision: Optional[str] = None, assume_skipless: bool = False):
+        self.path = resolve(path_or_repo, revision)
+        self.config = read_config(self.path)
+        self.source = TensorSource(self.path)
+        self.mapping = families.Mapping(self.config, self.source.shapes, assume_skipless, str(self.path))
+        self.family, self.args = self.mapping.family.name, self.mapping.args
+
+    def layer(self, i: int) -> Dict[str, np.ndarray]:
+        """Block i as float64 arrays, named relative to the block ("self_attn.q_proj.weight")."""
+        return self.mapping.layer(i, self.source.numpy)
+
+    def globals(self) -> Dict[str, np.ndarray]:
+        """Embeddings, final norm and head, as float64 arrays under the model's names."""
+        return self.mapping.globals(self.source.numpy)
+
+    def dtype(self) -> str:
+        named = self.config.get("torch_dtype") or self.config.get("dtype")
+        return named if named in ("float32", "float16", "bfloat16") else self.source.dtype()
+
+
+def to_mlx(tensors: Dict[str, np.ndarray], dtype=mx.float32):
+    return [(k, mx.array(np.asarray(v, np.float32)).astype(dtype)) for k, v in tensors.items()]
+
+
+def block_module(args: ModelArgs, i: int, tensors: Dict[str, np.ndarray]) -> Block:
+    """Block i of `args` holding `tensors` (named relative to the block), in float32."""
+    block = Block(args, args.removed[i])
+    block.load_weights(to_mlx(tensors))
+    return block
+
+
+def shell_module(args: ModelArgs, tensors: Dict[str, np.ndarray]) -> Model:
+    """The model without blocks: embeddings, final norm and head, in float32."""
+    shell = Model(replace(args, num_hidden_layers=0, removed=[]))
+    shell.load_weights(to_mlx(tensors))
+    return shell
+
+
+def store(module: nn.Module, dtype, quantize: Optional[dict]) -> nn.Module:
+    """Cast, then quantize as mlx-lm does (layers whose input width fits the groups)."""
+    module.set_dtype(dtype)
+    if quantize:
+        nn.quantize(module, quantize["group_size"], quantize["bits"],
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % quantize["group_size"] == 0)
+    return module
+
+
+def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
+               assume_skipless: bool = False) -> Tuple[Model, dict]:
+    """A converted model directory, or a vanilla skipless checkpoint of any family."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    path = resolve(path_or_repo, revision)
+    config = read_config(path)
+    if config.get("model_type") == "skipless" and not list(path.glob("model*.safetensors")):
+        raise CheckpointError(f"{path} has no model*.safetensors weight files")
+    if config.get("model_type") == "skipless":
+        # Our own code builds the model, so the copied model_file need not run.
+        model, config = mlx_lm_load_model(path, lazy=lazy, model_config={"model_file": None},
+                                          get_model_classes=lambda config: (Model, ModelArgs))
+        return model, config
+    ckpt = SkiplessCheckpoint(str(path), assume_skipless=assume_skipless)
+    model = Model(ckpt.args)
+    weights = dict(ckpt.globals())
+    for i in range(ckpt.args.num_hidden_layers):
+        weights.update({f"model.layers.{i}.{k}": v for k, v in ckpt.layer(i).items()})
+    model.load_weights(to_mlx(weights, getattr(mx, ckpt.dtype())))
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, {**ckpt.config, **asdict(ckpt.args)}
+
+
+def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
+         assume_skipless: bool = False, tokenizer_config: Optional[dict] = None):
+    """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
+    from mlx_lm.utils import load_tokenizer
+
+    model, config = load_model(path_or_repo, revision, lazy, assume_skipless)
+    path = resolve(path_or_repo, revision)
+    tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer
