@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 _LAZY = {"load": "loading", "load_model": "loading", "convert": "convert",
+         "generate": "generate", "stream_generate": "generate",
          "Model": "models.skipless", "ModelArgs": "models.skipless"}
 
 

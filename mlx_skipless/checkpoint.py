@@ -90,51 +90,87 @@ class TensorSource:
         """The tensor in float64, for fusion."""
         return np.array(self.mlx(key).astype(mx.float32), dtype=np.float64)
 
+    def float32(self, key: str) -> np.ndarray:
+        """The tensor in float32: for the large ones that fusion reads row by row."""
+        return np.array(self.mlx(key).astype(mx.float32), copy=False)
+
     def dtype(self) -> str:
         """The checkpoint's storage dtype, as mlx names it ('bfloat16', ...)."""
         key = next(k for k in self.files if k.endswith("weight"))
         return str(self.mlx(key).dtype).removeprefix("mlx.core.")
 
 
+SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
+                      mx.uint32: "U32", mx.int32: "I32", mx.uint16: "U16", mx.int16: "I16",
+                      mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint64: "U64",
+                      mx.bool_: "BOOL"}
+COPY_CHUNK = 64 << 20
+
+
 class ShardWriter:
     """Writes tensors as they come into mlx-lm's layout: model.safetensors, or
-    model-0000i-of-0000N.safetensors shards of at most 5 GB plus the index."""
+    model-0000i-of-0000N.safetensors shards of at most 5 GB plus the index.
+
+    Tensor bytes go to a spool file at once, so memory holds one tensor, never a
+    shard; `close` writes each shard's header and copies its bytes in."""
 
     def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: Dict[str, mx.array] = {}
-        self.pending_bytes = 0
-        self.written = []  # [(temporary file, [keys])]
-        self.total_bytes = self.total_parameters = 0
+        self.directory, self.max_bytes = Path(directory), max_bytes
+        self.spool_path = self.directory / "tensors.spool"
+        self.spool = open(self.spool_path, "wb")
+        self.entries = []  # (key, dtype, shape, spool offset, nbytes)
+        self.total_bytes = 0
 
     def add(self, tensors: Dict[str, mx.array]):
         for key, value in tensors.items():
-            mx.eval(value)
-            if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
-                self.flush()
-            self.pending[key] = value
-            self.pending_bytes += value.nbytes
-            self.total_bytes += value.nbytes
+            raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value  # numpy has no bf16
+            data = np.ascontiguousarray(np.array(raw)).tobytes()
+            self.entries.append((key, SAFETENSORS_DTYPES[value.dtype], list(value.shape),
+                                 self.total_bytes, len(data)))
+            self.spool.write(data)
+            self.total_bytes += len(data)
 
-    def flush(self):
-        if not self.pending:
-            return
-        f = self.directory / f"shard-{len(self.written):05d}.tmp.safetensors"
-        mx.save_safetensors(str(f), self.pending, metadata={"format": "mlx"})
-        self.written.append((f, sorted(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def _shards(self):
+        shards, size = [[]], 0
+        for entry in self.entries:
+            if shards[-1] and size + entry[4] > self.max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += entry[4]
+        return shards
 
     def close(self, total_parameters: int):
-        self.flush()
-        n = len(self.written)
-        weight_map = {}
-        for i, (f, keys) in enumerate(self.written):
-            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            f.rename(self.directory / name)
-            weight_map.update({k: name for k in keys})
+        self.spool.close()
+        shards, weight_map = self._shards(), {}
+        with open(self.spool_path, "rb") as spool:
+            for i, entries in enumerate(shards):
+                name = ("model.safetensors" if len(shards) == 1
+                        else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+                self._write_shard(self.directory / name, entries, spool)
+                weight_map.update({e[0]: name for e in entries})
+        self.spool_path.unlink()
         index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+    @staticmethod
+    def _write_shard(path: Path, entries, spool):
+        header, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for key, dtype, shape, _, nbytes in entries:
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format aligns data to 8 bytes
+        with open(path, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for _, _, _, start, nbytes in entries:
+                spool.seek(start)
+                while nbytes:
+                    chunk = spool.read(min(nbytes, COPY_CHUNK))
+                    f.write(chunk)
+                    nbytes -= len(chunk)
 
 
 @contextmanager

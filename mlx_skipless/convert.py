@@ -99,17 +99,13 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     with staged_directory(out, force) as staging:
         writer = ShardWriter(staging)
         first = fusion.basis_of(_affines(ckpt.layer(0)), forms[0], 0)
-        embed_in, embed_out = _fuse_globals(ckpt.globals(), args, new_args, first)
-        shells = {}
-        if streams:
-            shells = {"original": shell_module(args, embed_in),
-                      "original_stored": store(shell_module(args, embed_in), target, quant)}
-        shells["converted"] = shell_module(new_args, embed_out)
-        shells["converted_stored"] = store(shell_module(new_args, embed_out), target, quant)
+        shells = _shells(ckpt, new_args, first, target, quant, bool(streams))
         writer.add(dict(tree_flatten(shells["converted_stored"].parameters())))
         if streams:
             for name in names:
                 streams.start(name, shells[name])
+        else:
+            shells.clear()  # written: nothing else needs them
 
         layers = fusion.fuse_layers(lambda i: _affines(ckpt.layer(i)), forms, args.parallel_block)
         inverted = []
@@ -149,18 +145,25 @@ def _affines(tensors):
     return layout.layer_from_flat(tensors)[0]
 
 
-def _fuse_globals(tensors, args, new_args, first):
-    """(original, converted) embeddings, final norm and head, float64, by name."""
+def _shells(ckpt, new_args, first, target, quant, verifying):
+    """Embeddings, final norm and head as MLX models without blocks: the converted
+    one as stored and, when verifying, the original and both in float32. The
+    float64 tensors are freed on return; they are the largest thing held."""
+    args, tensors = ckpt.args, ckpt.globals()
     embed, positions, head = fusion.fuse_embeddings(
         tensors["model.embed_tokens.weight"], tensors.get("model.embed_positions.weight"),
         None if args.tie_word_embeddings else tensors["lm_head.weight"].T, first and first[0])
-    out = {k: v for k, v in tensors.items() if "norm" in k}
-    out["model.embed_tokens.weight"] = embed
+    fused = {k: v for k, v in tensors.items() if "norm" in k}
+    fused["model.embed_tokens.weight"] = embed
     if positions is not None:
-        out["model.embed_positions.weight"] = positions
+        fused["model.embed_positions.weight"] = positions
     if not new_args.tie_word_embeddings:
-        out["lm_head.weight"] = head.T
-    return tensors, out
+        fused["lm_head.weight"] = head.T
+    shells = {"converted_stored": store(shell_module(new_args, fused), target, quant)}
+    if verifying:
+        shells.update(original=shell_module(args, tensors), converted=shell_module(new_args, fused),
+                      original_stored=store(shell_module(args, tensors), target, quant))
+    return shells
 
 
 def _progress(iterable, total, enabled):

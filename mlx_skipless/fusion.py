@@ -154,16 +154,23 @@ def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], plan: Sequence[s
         current, basis = upcoming, upcoming_basis
 
 
-def fuse_embeddings(embed, positions, head, basis: Optional[Affine]):
-    """(embed, positions, head) once the first block's basis is absorbed."""
+def fuse_embeddings(embed, positions, head, basis: Optional[Affine], rows: int = 4096):
+    """(embed, positions, head) once the first block's basis is absorbed.
+
+    Products are taken in float64 a few thousand rows at a time and kept in the
+    embedding's own dtype: a vocabulary-sized float64 copy is the largest thing
+    a conversion would otherwise hold."""
     if basis is None:
         return embed, positions, head
     if head is None:
         head = embed.T  # a tied head keeps the original embedding
-    embed = embed @ basis.W + basis.b  # every token gets one row: the bias is added once
+    fused = np.empty((embed.shape[0], basis.W.shape[1]), embed.dtype)
+    for i in range(0, embed.shape[0], rows):
+        # every token gets one row: the bias is added once
+        fused[i : i + rows] = np.asarray(embed[i : i + rows], np.float64) @ basis.W + basis.b
     if positions is not None:
-        positions = positions @ basis.W
-    return embed, positions, head
+        positions = np.asarray(positions, np.float64) @ basis.W
+    return fused, positions, head
 
 
 def basis_of(layer: Dict[str, Affine], form: str, index: int):

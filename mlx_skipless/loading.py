@@ -28,8 +28,9 @@ class SkiplessCheckpoint:
         return self.mapping.layer(i, self.source.numpy)
 
     def globals(self) -> Dict[str, np.ndarray]:
-        """Embeddings, final norm and head, as float64 arrays under the model's names."""
-        return self.mapping.globals(self.source.numpy)
+        """Embeddings, final norm and head, as float32 arrays under the model's names
+        (vocabulary-sized: fusion takes its float64 products a few rows at a time)."""
+        return self.mapping.globals(self.source.float32)
 
     def dtype(self) -> str:
         named = self.config.get("torch_dtype") or self.config.get("dtype")
@@ -94,7 +95,15 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
     """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
     from mlx_lm.utils import load_tokenizer
 
+    from transformers.utils import logging
+
     model, config = load_model(path_or_repo, revision, lazy, assume_skipless)
     path = resolve(path_or_repo, revision)
-    tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=config.get("eos_token_id"))
+    # transformers warns that it does not know model_type "skipless"; it only needs the tokenizer.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=config.get("eos_token_id"))
+    finally:
+        logging.set_verbosity(verbosity)
     return model, tokenizer

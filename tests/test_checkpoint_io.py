@@ -68,3 +68,19 @@ def test_staged_directory_is_all_or_nothing(tmp_path):
         (staging / "new.txt").write_text("replaced")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_every_stored_dtype_round_trips_bit_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"bf16": mx.array(rng.standard_normal((3, 5))).astype(mx.bfloat16),
+               "f16": mx.array(rng.standard_normal(7)).astype(mx.float16),
+               "u32": mx.array(rng.integers(0, 2**32, (4, 2), dtype=np.uint32))}
+    writer = ShardWriter(tmp_path, max_bytes=40)
+    writer.add(tensors)
+    writer.close(total_parameters=0)
+    assert not list(tmp_path.glob("*.spool"))
+    loaded = {}
+    for f in tmp_path.glob("model-*.safetensors"):
+        loaded.update(mx.load(str(f)))
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and mx.array_equal(loaded[k], v).item()

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import (
     BaseModelArgs,
     create_attention_mask,
@@ -154,9 +155,39 @@ class Attention(nn.Module):
                 args.max_position_embeddings,
             )
 
+    group = None  # set by shard(): tensor parallelism over heads
+
     def _project(self, name: str, x: mx.array) -> mx.array:
         # A removed projection is the identity: its matrix lives upstream now.
-        return self[name](x) if name in self else x
+        if name in self:
+            return self[name](x)
+        if self.group is None or name == "o_proj":
+            return x
+        # Sharded: this device's heads of the identity are a slice of its input.
+        n, r = x.shape[-1] // self.group.size(), self.group.rank()
+        return x[..., r * n : (r + 1) * n]
+
+    def shard(self, group):
+        """mlx-lm's llama scheme: q, k, v all-to-sharded, o sharded-to-all. Without
+        P the FFN needs every head's output, so the outputs are gathered instead."""
+        N = group.size()
+        if self.n_heads % N or self.n_kv_heads % N:
+            raise ValueError(f"cannot shard {self.n_heads} heads and {self.n_kv_heads} KV heads "
+                             f"over {N} devices")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if name in self:
+                self[name] = shard_linear(self[name], "all-to-sharded", group=group)
+        if "o_proj" in self:
+            self.o_proj = shard_linear(self.o_proj, "sharded-to-all", group=group)
+        self.n_heads //= N
+        self.n_kv_heads //= N
+        self.group = group
+
+    def _output(self, out: mx.array) -> mx.array:
+        if "o_proj" in self or self.group is None:
+            return self._project("o_proj", out)
+        gathered = mx.distributed.all_gather(mx.moveaxis(out, -1, 0), group=self.group)
+        return mx.moveaxis(gathered, 0, -1)
 
     def __call__(self, x, mask=None, cache=None):
         B, L, _ = x.shape
@@ -176,7 +207,7 @@ class Attention(nn.Module):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self._project("o_proj", out)
+        return self._output(out)
 
 
 class GLUActivation(nn.Module):
@@ -212,6 +243,14 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.fc2(self.act(self.fc1(x)))
 
+    def shard(self, group):
+        for name in ("gate_proj", "up_proj", "fc1"):
+            if name in self:
+                self[name] = shard_linear(self[name], "all-to-sharded", group=group)
+        for name in ("down_proj", "fc2"):
+            if name in self:
+                self[name] = shard_linear(self[name], "sharded-to-all", group=group)
+
 
 class MoE(nn.Module):
     """Mixtral's top-k router. The chosen experts' weights sum to one, which is
@@ -239,6 +278,10 @@ class MoE(nn.Module):
         y = self.switch_mlp(x, inds)
         return (y * scores[..., None]).sum(axis=-2)
 
+    def shard(self, group):
+        raise ValueError("tensor parallelism is not implemented for MoE blocks "
+                         "(nor in mlx-lm's mixtral); use pipeline or a single device")
+
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, removed: str):
@@ -254,6 +297,10 @@ class Block(nn.Module):
             self.input_layernorm = norm(args.hidden_size, eps=args.norm_eps)
             if not self.parallel:
                 self.post_attention_layernorm = norm(ffn_in, eps=args.norm_eps)
+
+    def shard(self, group):
+        self.self_attn.shard(group)
+        self.mlp.shard(group)
 
     def _norm(self, name: str, x: mx.array) -> mx.array:
         return self[name](x) if name in self else x
@@ -315,6 +362,12 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor parallelism, as mlx-lm's sharded_load expects (mlx.launch)."""
+        group = group or mx.distributed.init()
+        for layer in self.layers:
+            layer.shard(group)
 
     def sanitize(self, weights):
         if self.args.tie_word_embeddings:
