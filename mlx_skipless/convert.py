@@ -122,6 +122,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
                           "converted_stored": stored}
                 for name in names:
                     streams.step(name, blocks[name])
+            # MLX keeps freed buffers for reuse; each block's shapes recur, the cache need not.
+            mx.clear_cache()
 
         report = _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant)
         if streams:

@@ -33,7 +33,12 @@ def rope(x, theta, rot):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]], axis=-1)
 
 
-def attention(x, layer, a):
+def causal_mean(v):
+    """C·v per head: position t gets the mean of v over positions 0..t."""
+    return np.cumsum(v, axis=1) / np.arange(1, v.shape[1] + 1)[None, :, None]
+
+
+def attention(x, layer, a, shape=None):
     T = x.shape[0]
     n, n_kv, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
     q = affine(x, layer["self_attn.q_proj"]).reshape(T, n, hd).transpose(1, 0, 2)
@@ -47,7 +52,11 @@ def attention(x, layer, a):
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    out = (p @ v).transpose(1, 0, 2).reshape(T, n * hd)
+    out = p @ v
+    if shape:  # shaped attention: (αI + βA − γC)·V per head
+        al, be, ga = (np.asarray(shape[k], np.float64)[:, None, None] for k in ("alpha", "beta", "gamma"))
+        out = be * out + al * v - ga * causal_mean(v)
+    out = out.transpose(1, 0, 2).reshape(T, n * hd)
     return affine(out, layer["self_attn.o_proj"])
 
 
@@ -89,11 +98,13 @@ def forward(w, a, tokens):
     x = w.embed[tokens]
     if w.positions is not None:
         x = x + w.positions[: len(tokens)]
-    for layer in w.layers:
+    for i, layer in enumerate(w.layers):
+        shape = ({k: w.other[f"model.layers.{i}.self_attn.{k}"] for k in ("alpha", "beta", "gamma")}
+                 if a.shaped_attention else None)
         if a.parallel_block:
-            x = attention(x, layer, a) + ffn(x, layer, a)
+            x = attention(x, layer, a, shape) + ffn(x, layer, a)
         else:
-            x = ffn(attention(x, layer, a), layer, a)
+            x = ffn(attention(x, layer, a, shape), layer, a)
     if a.final_norm:
         g = np.asarray(w.other["model.norm.weight"], np.float64)
         b = w.other.get("model.norm.bias")

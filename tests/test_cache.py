@@ -20,6 +20,7 @@ VARIANTS = {
                              attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "moe-partial": dict(num_local_experts=3, num_experts_per_tok=2, partial_rotary_factor=0.5),
     "norms-residual": dict(block_norm="layernorm", residual=True, final_norm="layernorm"),
+    "shaped-norms": dict(shaped_attention=True, block_norm="rmsnorm"),
 }
 
 

@@ -65,6 +65,18 @@ def test_reduced_equals_vanilla_and_float64_reference(remove, attention, layout_
     assert not reduced.tie_word_embeddings
 
 
+SHAPED = list(itertools.product("qkv", ("mha", "gqa"), ("serial", "parallel")))
+
+
+@pytest.mark.parametrize("remove,attention,layout_", SHAPED, ids=["-".join(c) for c in SHAPED])
+def test_shaped_attention_fuses_exactly(remove, attention, layout_):
+    """αI + βA − γC acts on V linearly, so every fusion stays exact."""
+    if remove != "q" and attention != "mha":
+        return
+    args = config(attention, layout_, "glu", "rope", True, False, shaped_attention=True)
+    check_exact(args, fusion.default_plan(args, remove))
+
+
 @st.composite
 def configs(draw):
     heads = draw(st.sampled_from([1, 2, 4]))
@@ -79,7 +91,7 @@ def configs(draw):
         hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
         num_hidden_layers=draw(st.integers(1, 3)), intermediate_size=draw(st.sampled_from([16, 40])),
         parallel_block=parallel, attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
-        tie_word_embeddings=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()), shaped_attention=draw(st.booleans()),
         final_norm=draw(st.sampled_from([None, "rmsnorm", "layernorm"])),
         **ffn, **draw(st.sampled_from(list(POSITIONS.values()))),
     )

@@ -77,6 +77,7 @@ class ModelArgs(BaseModelArgs):
     final_norm: Optional[str] = None  # kept by every conversion
     block_norm: Optional[str] = None  # pre-norms inside blocks: training only
     residual: bool = False  # residual adds: training only
+    shaped_attention: bool = False  # A = αI + β·softmax − γC per head (He & Hofmann 2023)
     norm_eps: float = 1e-5
     removed: Optional[List[str]] = None  # per layer, one of FORMS
 
@@ -145,6 +146,12 @@ class Attention(nn.Module):
                 setattr(self, f"{name}_proj", nn.Linear(d, width, bias=bias))
         if "p" not in removed:
             self.o_proj = nn.Linear(widths["q"], d, bias=bias)
+        if args.shaped_attention:
+            # At α = β = γ = 1 and small logits, softmax ≈ C and A ≈ I: each block
+            # starts near the identity, which a stack without skips needs to train.
+            self.alpha = mx.ones((self.n_heads,))
+            self.beta = mx.ones((self.n_heads,))
+            self.gamma = mx.ones((self.n_heads,))
         self.rope = None
         if args.position_embedding_type == "rope":
             self.rope = initialize_rope(
@@ -182,6 +189,10 @@ class Attention(nn.Module):
         self.n_heads //= N
         self.n_kv_heads //= N
         self.group = group
+        if "alpha" in self:
+            r = group.rank() * self.n_heads
+            for name in ("alpha", "beta", "gamma"):
+                self[name] = self[name][r : r + self.n_heads]
 
     def _output(self, out: mx.array) -> mx.array:
         if "o_proj" in self or self.group is None:
@@ -206,8 +217,25 @@ class Attention(nn.Module):
         out = scaled_dot_product_attention(
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
+        if "alpha" in self:
+            out = self._shape(out, values, L)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self._output(out)
+
+    def _shape(self, out, values, L):
+        """β·softmax(·)V + α·V_t − γ·C·V, with C the causal mean. It needs every
+        value so far: a full KV cache, not a rotating or quantized one."""
+        if not isinstance(values, mx.array):
+            raise ValueError("shaped attention needs an unquantized KV cache")
+        S = values.shape[2]
+        steps = mx.arange(S - L + 1, S + 1, dtype=values.dtype)[:, None]
+        mean = mx.cumsum(values, axis=2)[:, :, S - L :] / steps
+        current = values[:, :, S - L :]
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            mean, current = mx.repeat(mean, rep, axis=1), mx.repeat(current, rep, axis=1)
+        a, b, g = (p[:, None, None] for p in (self.alpha, self.beta, self.gamma))
+        return b * out + a * current - g * mean
 
 
 class GLUActivation(nn.Module):

@@ -1,0 +1,118 @@
+"""Text corpora for training: files in, token streams out.
+
+A corpus is any set of files or folders; `stdlib` names the running Python's
+standard library, a code corpus every machine has. Files go to the validation
+split by a hash of their path, so the split does not depend on file order.
+"""
+
+import json
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+DEFAULT_PATTERNS = ("*.py", "*.txt", "*.md", "*.rst")
+MIN_VAL_TOKENS = 1024  # windows may overlap; they must fit
+
+
+def stdlib_path() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[Path]:
+    files = []
+    for p in paths:
+        path = stdlib_path() if p == "stdlib" else Path(p).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += [f for pattern in patterns for f in path.rglob(pattern)
+                      if f.is_file() and "site-packages" not in f.parts]
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    files = sorted(set(files))
+    if not files:
+        raise FileNotFoundError(f"no files matching {', '.join(patterns)} under {', '.join(paths)}")
+    return files
+
+
+def is_validation(path: Path, fraction: float) -> bool:
+    return zlib.crc32(str(path.name).encode()) % 10_000 < fraction * 10_000
+
+
+def read_texts(files: Sequence[Path]) -> List[str]:
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok, directory: Path, context: int):
+    directory = Path(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
+        "unk_token": EOS, "model_max_length": context, "clean_up_tokenization_spaces": False}, indent=2))
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(path) / "tokenizer.json" if Path(path).is_dir() else path))
+
+
+def encode(tok, texts: Sequence[str]) -> np.ndarray:
+    """One stream of token ids, each text followed by the end-of-text token."""
+    eos = tok.token_to_id(EOS)
+    ids = [np.append(np.asarray(e.ids, np.int32), eos) for e in tok.encode_batch(list(texts))]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray
+    val: np.ndarray
+    files: int
+
+    @classmethod
+    def build(cls, paths, tok, val_fraction=0.05, patterns=DEFAULT_PATTERNS):
+        files = find_files(paths, patterns)
+        val_files = [f for f in files if is_validation(f, val_fraction)]
+        train_files = [f for f in files if not is_validation(f, val_fraction)]
+        train, val = encode(tok, read_texts(train_files)), encode(tok, read_texts(val_files))
+        if len(val) < MIN_VAL_TOKENS:  # too few files to split by file: split the stream
+            stream = np.concatenate([train, val])
+            cut = int(len(stream) * (1 - val_fraction))
+            train, val = stream[:cut], stream[cut:]
+        if len(val) < MIN_VAL_TOKENS or len(train) < MIN_VAL_TOKENS:
+            raise ValueError(f"the corpus is too small: {len(train) + len(val)} tokens")
+        return cls(train, val, len(files))
+
+    def batch(self, step: int, batch_size: int, context: int, seed: int = 0):
+        """Random windows, a function of (seed, step) alone: a resumed run sees the same data."""
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(self.train) - context - 1, batch_size)
+        windows = np.stack([self.train[s : s + context + 1] for s in starts])
+        return windows[:, :-1], windows[:, 1:]
+
+    def validation(self, batches: int, batch_size: int, context: int):
+        """Fixed, evenly spaced windows of the validation split."""
+        n = batches * batch_size
+        starts = np.linspace(0, len(self.val) - context - 1, n).astype(int)
+        windows = np.stack([self.val[s : s + context + 1] for s in starts])
+        for i in range(0, n, batch_size):
+            yield windows[i : i + batch_size, :-1], windows[i : i + batch_size, 1:]

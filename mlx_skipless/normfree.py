@@ -1,0 +1,177 @@
+"""python -m mlx_skipless.normfree: remove the norms inside a skipless model's blocks.
+
+Heimersheim (2024) and Baroni et al. (2025), for skipless blocks: one norm at a
+time, FFN-input norms first and then attention-input norms, each norm's live
+scale is replaced by its average over data and the model is fine-tuned for a
+few steps; the frozen norms then fold exactly into the layers they feed. The
+final norm, before the head, stays: it does not stand between two blocks.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import data, train
+from .models.skipless import Model, ModelArgs
+from .norms import FixedNorm, ScaleRecorder, fold
+
+FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.gate",
+              "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.fc1")
+
+
+def schedule(args: ModelArgs):
+    """(layer, norm) in removal order: FFN inputs first, then attention inputs."""
+    serial = [] if args.parallel_block else [(i, "post_attention_layernorm")
+                                             for i in range(args.num_hidden_layers)]
+    return serial + [(i, "input_layernorm") for i in range(args.num_hidden_layers)]
+
+
+def consumers(args: ModelArgs, i: int, norm: str, params: dict):
+    """The linear layers (paths relative to block i) that read the norm's output."""
+    attention = [f"self_attn.{n}_proj" for n in "qkv"]
+    if norm == "input_layernorm":
+        missing = [p for p in attention if f"{p}.weight" not in params]
+        if missing:
+            raise ValueError(f"layer {i}: the input norm feeds the removed {missing[0]}; "
+                             "normfree needs a model with Q, K and V")
+        paths = attention + (list(FFN_INPUTS) if args.parallel_block else [])
+    else:
+        paths = list(FFN_INPUTS)
+    return [p for p in paths if f"{p}.weight" in params]
+
+
+def finetune(model, corpus, optimizer, steps, start, batch_size, context, seed):
+    loss_and_grad = nn.value_and_grad(model, train.cross_entropy)
+    for step in range(start, start + steps):
+        x, y = corpus.batch(step, batch_size, context, seed)
+        loss, grads = loss_and_grad(model, mx.array(x), mx.array(y))
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+    return start + steps
+
+
+def freeze_norm(model, corpus, i, name, batches, batch_size, context):
+    """Replace a live norm by a FixedNorm with its average scale on calibration data."""
+    block = model.layers[i]
+    recorder = ScaleRecorder(block[name])
+    block[name] = recorder
+    for x, _ in corpus.validation(batches, batch_size, context):  # held-out text
+        mx.eval(model(mx.array(x)))
+    block[name] = FixedNorm(recorder.norm, recorder.scale)
+    return recorder.scale
+
+
+def fold_norms(model: Model, args: ModelArgs):
+    """(model without block norms, its args): every FixedNorm folded into its consumers."""
+    flat = {k: np.array(v, np.float64) for k, v in tree_flatten(model.parameters())}
+    needs_bias = {"attention": False, "mlp": False}
+    for i, block in enumerate(model.layers):
+        pre = f"model.layers.{i}."
+        params = {k.removeprefix(pre): v for k, v in flat.items() if k.startswith(pre)}
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if name not in block:
+                continue
+            norm = block[name]
+            if not isinstance(norm, FixedNorm):
+                raise ValueError(f"layer {i}: {name} is still live")
+            gain = flat.pop(f"{pre}{name}.weight")
+            beta = flat.pop(f"{pre}{name}.bias", None)
+            for path in consumers(args, i, name, params):
+                W, c = fold(flat[f"{pre}{path}.weight"], flat.get(f"{pre}{path}.bias"), gain, beta,
+                            norm.scale, norm.centered)
+                flat[f"{pre}{path}.weight"] = W
+                if c is not None:
+                    flat[f"{pre}{path}.bias"] = c
+                    needs_bias["attention" if path.startswith("self_attn") else "mlp"] = True
+    new_args = replace(args, block_norm=None,
+                       attention_bias=args.attention_bias or needs_bias["attention"],
+                       mlp_bias=args.mlp_bias or needs_bias["mlp"])
+    folded = Model(new_args)
+    # Projections that gained no bias of their own get zeros where the config now has biases.
+    full = {k: np.zeros(v.shape) for k, v in tree_flatten(folded.parameters())}
+    full.update({k: v for k, v in flat.items() if k in full})
+    folded.load_weights([(k, mx.array(v.astype(np.float32))) for k, v in full.items()])
+    mx.eval(folded.parameters())
+    return folded, new_args
+
+
+def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=3e-4, batch_size=16,
+                 context=128, calibration_batches=4, seed=1, log=print) -> tuple:
+    """(norm-free model, its args, report): the whole recipe, with measured losses."""
+    if not args.block_norm:
+        raise ValueError("this model has no norms inside its blocks")
+    if args.residual:
+        raise ValueError("this model has residual adds; normfree is for skipless models")
+    report = {"val_loss_with_norms": train.evaluate(model, corpus, context), "stages": []}
+    log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
+    optimizer = optim.AdamW(lr, weight_decay=0.0)
+    step = 0
+    for i, name in schedule(args):
+        scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
+        frozen = train.evaluate(model, corpus, context)
+        step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed)
+        stage = {"layer": i, "norm": name, "scale": scale, "val_loss_frozen": frozen,
+                 "val_loss_finetuned": train.evaluate(model, corpus, context)}
+        report["stages"].append(stage)
+        log(f"[normfree] layer {i} {name}: scale {scale:.3g}, loss {frozen:.4f} frozen, "
+            f"{stage['val_loss_finetuned']:.4f} after {steps_per_norm} steps")
+    step = finetune(model, corpus, optimizer, final_steps, step, batch_size, context, seed)
+    report["val_loss_fixed_norms"] = train.evaluate(model, corpus, context)
+    folded, new_args = fold_norms(model, args)
+    report["val_loss_norm_free"] = train.evaluate(folded, corpus, context)
+    report["finetune_steps"] = step
+    report["options"] = dict(steps_per_norm=steps_per_norm, final_steps=final_steps, lr=lr,
+                             batch_size=batch_size, context=context,
+                             calibration_batches=calibration_batches, seed=seed)
+    log(f"[normfree] validation loss: {report['val_loss_with_norms']:.4f} with norms, "
+        f"{report['val_loss_norm_free']:.4f} norm-free (after folding)")
+    return folded, new_args, report
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlx-skipless normfree", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a checkpoint written by mlx_skipless.train")
+    p.add_argument("--data", nargs="+", default=["stdlib"], help="text files or folders, or stdlib")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--steps-per-norm", type=int, default=20)
+    p.add_argument("--final-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--calibration-batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv=None):
+    o = build_parser().parse_args(argv)
+    out = Path(o.out)
+    try:
+        if out.exists() and not o.force:
+            raise ValueError(f"{out} exists; pass --force to overwrite it")
+        model, args, tok, state = train.load_checkpoint(Path(o.model))
+        context = state.get("options", {}).get("context", args.max_position_embeddings)
+        corpus = data.Corpus.build(o.data, tok)
+        folded, new_args, report = remove_norms(
+            model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
+            o.calibration_batches, o.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report["source"] = str(o.model)
+    train.save(out, folded, new_args, tok, None, {"normfree": report, "trained": state}, tok.token_to_id(data.EOS))
+    print(f"[INFO] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

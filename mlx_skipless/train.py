@@ -1,0 +1,264 @@
+"""python -m mlx_skipless.train: train any skipless model form in MLX.
+
+AdamW with linear warm-up and cosine decay, gradient clipping, validation loss,
+checkpoints in the project's format (HF-style config.json + safetensors +
+tokenizer) that `--resume` continues bit for bit: data windows are a function of
+the step, and the optimizer state is saved with the weights.
+
+What makes a skipless stack train (He & Hofmann 2023; He et al. 2023): square
+projections start orthogonal, so every block starts close to an isometry and
+signal neither dies nor explodes without residuals; `--orthogonality` keeps the
+matrices a later conversion inverts well-conditioned (DESIGN §3).
+"""
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import data
+from .checkpoint import staged_directory
+from .models.skipless import Model, ModelArgs
+
+STATE = "trainer.json"
+OPTIMIZER = "optimizer.safetensors"
+
+
+def read_model_config(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such model config")
+    config = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    config = config.get("model", config)
+    return {k: v for k, v in config.items() if k in ModelArgs.__dataclass_fields__}
+
+
+def initialize(model: Model, seed: int, q_scale: float = 1.0):
+    """Orthogonal square projections, 1/sqrt(fan-in) elsewhere, unit norm gains and
+    attention shape. `q_scale` < 1 starts attention near uniform (shaped attention:
+    near the identity) while Q stays invertible, unlike He & Hofmann's Q = 0."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for name, p in tree_flatten(model.parameters()):
+        shape = p.shape
+        if "norm" in name or name.rsplit(".", 1)[-1] in ("alpha", "beta", "gamma"):
+            w = np.ones(shape)
+        elif name.endswith(".bias"):
+            w = np.zeros(shape)
+        elif "embed" in name:
+            w = rng.standard_normal(shape)
+        elif len(shape) == 2 and shape[0] == shape[1]:
+            w, _ = np.linalg.qr(rng.standard_normal(shape))
+            w = w * (q_scale if name.endswith("q_proj.weight") else 1.0)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        params.append((name, mx.array(w.astype(np.float32))))
+    model.load_weights(params)
+
+
+def inverted_candidates(model: Model):
+    """The square attention matrices a conversion may invert."""
+    for layer in model.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if name in layer.self_attn:
+                w = layer.self_attn[name].weight
+                if w.shape[0] == w.shape[1]:
+                    yield w
+
+
+def orthogonality(model: Model) -> mx.array:
+    """Mean over square Q/K/V of ||W Wᵀ / mean(diag) − I||² / d: zero exactly when W
+    is a scaled orthogonal matrix (condition number 1), and blind to scale."""
+    terms = []
+    for w in inverted_candidates(model):
+        g = w @ w.T
+        g = g / mx.mean(mx.diag(g))
+        terms.append(mx.sum(mx.square(g - mx.eye(g.shape[0]))) / g.shape[0])
+    return mx.mean(mx.stack(terms)) if terms else mx.array(0.0)
+
+
+def cross_entropy(model, x, y):
+    return nn.losses.cross_entropy(model(x), y).mean()
+
+
+def evaluate(model, corpus: data.Corpus, context: int, batches: int = 8, batch_size: int = 16) -> float:
+    losses = [cross_entropy(model, mx.array(x), mx.array(y)).item()
+              for x, y in corpus.validation(batches, batch_size, context)]
+    return float(np.mean(losses))
+
+
+def schedule(lr: float, steps: int, warmup: int):
+    warm = optim.linear_schedule(lr / max(warmup, 1), lr, max(warmup, 1))
+    decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
+    return optim.join_schedules([warm, decay], [max(warmup, 1)])
+
+
+def save(out: Path, model: Model, args: ModelArgs, tok, optimizer, state: dict, eos_id: int):
+    """Write the checkpoint atomically: a crash never leaves a half-written one."""
+    with staged_directory(out, force=True) as tmp:
+        config = {k: v for k, v in asdict(args).items() if v is not None}
+        config.update(model_type="skipless", skipless=True, architectures=["SkiplessForCausalLM"],
+                      torch_dtype="float32", bos_token_id=eos_id, eos_token_id=eos_id)
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        data.save_tokenizer(tok, tmp, args.max_position_embeddings)
+        if optimizer is not None:
+            mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+        (tmp / STATE).write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(path: Path):
+    """(model, args, tokenizer, trainer state or {}) of a checkpoint written by `save`."""
+    config = json.loads((path / "config.json").read_text())
+    args = ModelArgs(**{k: v for k, v in config.items() if k in ModelArgs.__dataclass_fields__})
+    model = Model(args)
+    model.load_weights(str(path / "model.safetensors"))
+    state = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}
+    return model, args, data.load_tokenizer(path), state
+
+
+def load_optimizer_state(path: Path):
+    return tree_unflatten(list(mx.load(str(Path(path) / OPTIMIZER)).items()))
+
+
+def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16, context: int = 128,
+          lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
+          ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
+          state: dict = None, optimizer_state=None, progress: bool = True, log=print,
+          stop_at: int = None) -> dict:
+    """Train to `steps` (from state["step"] when resuming) and return the trainer state.
+    `stop_at` ends the run early, as an interruption would, schedule unchanged."""
+    state = state or {"step": 0, "history": []}
+    opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
+                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed)
+    state["options"] = opts
+    optimizer = optim.AdamW(schedule(lr, steps, int(warmup * steps)), weight_decay=weight_decay)
+    if optimizer_state is not None:
+        optimizer.state = optimizer_state
+    eos = tok.token_to_id(data.EOS)
+
+    def loss_fn(m, x, y):
+        ce = cross_entropy(m, x, y)
+        return ce + ortho * orthogonality(m) if ortho else ce, ce
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    compiled = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled, outputs=compiled)
+    def step_fn(x, y):
+        (_, ce), grads = grad_fn(model, x, y)
+        grads, norm = optim.clip_grad_norm(grads, clip)
+        optimizer.update(model, grads)
+        return ce, norm
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
+    tokens, t0, losses = 0, time.perf_counter(), []
+    while state["step"] < min(steps, stop_at or steps):
+        x, y = corpus.batch(state["step"], batch_size, context, seed)
+        ce, _ = step_fn(mx.array(x), mx.array(y))
+        mx.eval(compiled, ce)
+        state["step"] += 1
+        losses.append(ce.item())
+        tokens += x.size
+        if bar:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+        last = state["step"] == steps
+        if state["step"] % eval_every == 0 or last:
+            entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
+                     "val_loss": evaluate(model, corpus, context)}
+            state["history"].append(entry)
+            losses = []
+            log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
+        if state["step"] % save_every == 0 or last:
+            save(out, model, args, tok, optimizer, state, eos)
+    if bar:
+        bar.close()
+    return state
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlx-skipless train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="model config: JSON or TOML with ModelArgs (HF) names")
+    p.add_argument("--data", nargs="+", default=["stdlib"],
+                   help="text files or folders; 'stdlib' is this Python's standard library")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train byte-level BPE)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="for a trained tokenizer")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--q-init-scale", type=float, default=1.0,
+                   help="scale of the orthogonal initial Q (small: attention starts uniform)")
+    p.add_argument("--orthogonality", type=float, default=0.0,
+                   help="penalty weight keeping square Q/K/V near-orthogonal (well-conditioned)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    o = build_parser().parse_args(argv)
+    out = Path(o.out)
+    optimizer_state = None
+    try:
+        if o.resume:
+            model, args, tok, state = load_checkpoint(out)
+            optimizer_state = load_optimizer_state(out)
+            o.context = state["options"]["context"]
+            print(f"[INFO] resuming {out} at step {state['step']}")
+        else:
+            if not o.config:
+                raise ValueError("--config is required for a new run")
+            if out.exists():
+                raise ValueError(f"{out} exists; use --resume to continue it")
+            fields = read_model_config(o.config)
+            if o.tokenizer:
+                tok = data.load_tokenizer(o.tokenizer)
+            else:
+                files = data.find_files(o.data)
+                print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
+                tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
+            fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
+            args = ModelArgs(**fields)
+            model = Model(args)
+            initialize(model, o.seed, o.q_init_scale)
+            state = None
+        corpus = data.Corpus.build(o.data, tok, o.val_fraction)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
+          f"validation tokens from {corpus.files} files")
+    state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
+                  o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
+                  state, optimizer_state)
+    print(f"[INFO] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
