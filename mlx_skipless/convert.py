@@ -281,9 +281,11 @@ def _log_report(report, log):
         log(f"[INFO] inverted {len(conds)} matrices, condition numbers {min(conds):.3g} to {max(conds):.3g}")
     v = report.get("verification")
     if v:
-        for name, m in (("converted, float32", v["float32"]),
-                        (f"converted, {v['stored_as']}", v["stored"]["converted"]),
-                        (f"original,  {v['stored_as']}", v["stored"]["original"])):
+        rows = [("converted, float32", v["float32"])]
+        if v["stored_as"] != "float32":
+            rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
+                     (f"original,  {v['stored_as']}", v["stored"]["original"])]
+        for name, m in rows:
             log(f"[VERIFY] {name:<28} max rel. logit error {m['max_rel_error']:.2e}, "
                 f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}")
         if v["degraded"]:

@@ -240,3 +240,17 @@ def test_a_failure_midway_leaves_no_partial_output(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         convert(str(src), str(out), progress=False, log=interrupt)
     assert nothing_written(tmp_path, out)
+
+
+def test_main_job_runs_on_the_embedded_default_with_no_arguments(tmp_path, monkeypatch, capsys):
+    """The README's main command: convert the packaged demo, verify, report, generate."""
+    from mlx_skipless import generate as generate_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert convert_module.main([]) == 0
+    out = capsys.readouterr().out
+    assert "[VERIFY] converted, float32" in out and "removed), predicted batch-1 speedup" in out
+    config = json.loads((tmp_path / "mlx_model" / "config.json").read_text())
+    assert not config["conversion"]["verification"]["degraded"]
+    assert generate_cli.main(["--max-tokens", "12"]) == 0
+    assert "Generation:" in capsys.readouterr().out
