@@ -26,7 +26,10 @@ def stdlib_path() -> Path:
 def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[Path]:
     files = []
     for p in paths:
-        path = stdlib_path() if p == "stdlib" else Path(p).expanduser()
+        if p == "stdlib" or p.startswith("stdlib/"):
+            path = stdlib_path() / p.removeprefix("stdlib").lstrip("/")
+        else:
+            path = Path(p).expanduser()
         if path.is_file():
             files.append(path)
         elif path.is_dir():

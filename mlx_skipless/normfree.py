@@ -21,10 +21,11 @@ from mlx.utils import tree_flatten
 
 from . import data, train
 from .models.skipless import Model, ModelArgs
-from .norms import FixedNorm, ScaleRecorder, fold
+from .norms import FixedNorm, ScaleRecorder, center_output, fold
 
 FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.gate",
               "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.fc1")
+FFN_OUTPUTS = ("mlp.down_proj", "mlp.fc2", "mlp.switch_mlp.down_proj", "mlp.switch_mlp.fc2")
 
 
 def schedule(args: ModelArgs):
@@ -46,6 +47,21 @@ def consumers(args: ModelArgs, i: int, norm: str, params: dict):
     else:
         paths = list(FFN_INPUTS)
     return [p for p in paths if f"{p}.weight" in params]
+
+
+def producers(args: ModelArgs, i: int, norm: str, flat: dict):
+    """(tensor name, feature axis) of everything that writes the norm's input."""
+    if norm == "post_attention_layernorm":
+        paths = [f"model.layers.{i}.self_attn.o_proj"]
+    elif i == 0:
+        return [(k, -1) for k in ("model.embed_tokens.weight", "model.embed_positions.weight") if k in flat]
+    else:
+        prev = f"model.layers.{i - 1}."
+        paths = [prev + p for p in FFN_OUTPUTS] + ([prev + "self_attn.o_proj"] if args.parallel_block else [])
+    if f"model.layers.{i}.self_attn.o_proj.weight" not in flat and norm == "post_attention_layernorm":
+        raise ValueError(f"layer {i}: the FFN norm's input has no P to centre")
+    return [(f"{p}.{kind}", -2 if kind == "weight" else -1) for p in paths
+            for kind in ("weight", "bias") if f"{p}.{kind}" in flat]
 
 
 def finetune(model, corpus, optimizer, steps, start, batch_size, context, seed):
@@ -85,9 +101,12 @@ def fold_norms(model: Model, args: ModelArgs):
                 raise ValueError(f"layer {i}: {name} is still live")
             gain = flat.pop(f"{pre}{name}.weight")
             beta = flat.pop(f"{pre}{name}.bias", None)
+            if norm.centered:
+                for key, axis in producers(args, i, name, flat):
+                    flat[key] = center_output(flat[key], axis)
             for path in consumers(args, i, name, params):
                 W, c = fold(flat[f"{pre}{path}.weight"], flat.get(f"{pre}{path}.bias"), gain, beta,
-                            norm.scale, norm.centered)
+                            norm.scale)
                 flat[f"{pre}{path}.weight"] = W
                 if c is not None:
                     flat[f"{pre}{path}.bias"] = c

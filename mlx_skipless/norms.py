@@ -3,8 +3,11 @@
 A norm divides by a statistic of its input; that division is what stops a
 matrix from moving across it. Heimersheim (2024) replaces the live statistic by
 its average over data, then fine-tunes: the norm becomes linear, x -> C·x·g/s + b
-(C centres for LayerNorm, is I for RMSNorm), and folds into the layers it feeds:
-W' = W·diag(g/s)·C, c' = W·b + c. Exact, like every other fold in this package.
+(C centres for LayerNorm, is I for RMSNorm), and folds exactly into its neighbours:
+the gain, scale and bias into the layers it feeds (W' = W·diag(g/s), c' = W·b + c),
+the centring into the layers that produce its input. Folding C into the consumers
+instead would make them singular (C has rank d - 1), and a singular Q cannot be
+fused away.
 """
 
 from typing import Optional, Tuple
@@ -53,15 +56,20 @@ class ScaleRecorder(nn.Module):
 
 
 def fold(W: np.ndarray, c: Optional[np.ndarray], gain: np.ndarray, beta: Optional[np.ndarray],
-         scale: float, centered: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+         scale: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(W', c') of a linear layer (out, in) — or a stack of experts (n, out, in) —
-    that absorbs the fixed norm feeding it. c' is None when no bias is needed."""
+    that absorbs the fixed norm's affine part. c' is None when no bias is needed."""
     W = np.asarray(W, np.float64)
     Wn = W * (np.asarray(gain, np.float64) / scale)
-    if centered:
-        Wn = Wn - Wn.mean(-1, keepdims=True)  # W·C with C = I − 11ᵀ/d
     shift = None if beta is None else W @ np.asarray(beta, np.float64)
     if c is None and (shift is None or not np.any(shift)):
         return Wn, None
     c = np.zeros(W.shape[:-1]) if c is None else np.asarray(c, np.float64)
     return Wn, c + (0 if shift is None else shift)
+
+
+def center_output(W: np.ndarray, axis: int) -> np.ndarray:
+    """C applied to a producer's outputs: subtract their mean over the features
+    (`axis`: -2 for a linear weight (out, in), -1 for a bias or embedding rows)."""
+    W = np.asarray(W, np.float64)
+    return W - W.mean(axis=axis, keepdims=True)

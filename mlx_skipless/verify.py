@@ -46,16 +46,16 @@ def compare(test: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
 def is_degraded(converted: Dict[str, float], rounding: Dict[str, float]) -> bool:
     """Clearly worse than storing the original in the same dtype: KL more than
     twice rounding's (plus a floor for float32, where rounding's is ~0), or top-1
-    agreement lower by more than a point and more than two standard errors of
+    agreement lower by more than a point and more than three standard errors of
     the difference of two agreement rates on the probe: near-ties in the logits
     flip under any rounding, and a coarse dtype (4-bit) flips many."""
     if not np.isfinite(converted["kl"]):
         return True
     worse_kl = converted["kl"] > 2 * rounding["kl"] + KL_FLOOR
     p = rounding["top1_agreement"]
-    noise = 2 * np.sqrt(2 * p * (1 - p) / PROBE_TOKENS)
+    noise = 3 * np.sqrt(2 * p * (1 - p) / PROBE_TOKENS)
     lost = p - converted["top1_agreement"]
-    return worse_kl or lost > max(0.01, noise)
+    return bool(worse_kl or lost > max(0.01, float(noise)))
 
 
 class Streams:

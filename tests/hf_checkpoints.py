@@ -27,6 +27,7 @@ SHAPES = {
     "gpt2": dict(mlp_type="mlp", hidden_act="gelu_new", position_embedding_type="learned",
                  attention_bias=True, mlp_bias=True, tie_word_embeddings=True, final_norm="layernorm"),
     "skipless": dict(num_key_value_heads=1, mlp_type="mlp", hidden_act="relu", parallel_block=True),
+    "skipless_shaped": dict(num_key_value_heads=2, shaped_attention=True, final_norm="rmsnorm"),
 }
 
 
@@ -145,7 +146,8 @@ def skipless(args, flat):
 WRITERS = {"llama": llama, "mistral": lambda a, f: llama(a, f, "mistral"),
            "mixtral": lambda a, f: llama(a, f, "mixtral"), "gpt_neox": gpt_neox,
            "gpt_neox_serial": gpt_neox, "gpt2": gpt2,
-           "gpt2_bare": lambda a, f: gpt2(a, f, prefix=""), "skipless": skipless}
+           "gpt2_bare": lambda a, f: gpt2(a, f, prefix=""), "skipless": skipless,
+           "skipless_shaped": skipless}
 
 
 def write(directory, family, args, flat, skipless_flag=True, shards=1, dtype=mx.float32, **extra):

@@ -18,7 +18,8 @@ from mlx_skipless.convert import DegradedError, convert
 from mlx_skipless.fusion import FusionError
 from mlx_skipless.loading import load, load_model
 
-FAMILIES = ["llama", "mistral", "mixtral", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_bare", "skipless"]
+FAMILIES = ["llama", "mistral", "mixtral", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_bare", "skipless",
+            "skipless_shaped"]
 
 
 def quiet(**kw):

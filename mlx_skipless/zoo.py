@@ -1,0 +1,269 @@
+"""python -m mlx_skipless.zoo: model configs, what fusion does to them, and recipes.
+
+  list                 the models and recipes
+  show NAME            config, weights per component before and after each exact
+                       reduction, savings, predicted batch-1 speedup, recipes
+  table                every model side by side; --out DIR also writes Markdown and an SVG chart
+  run RECIPE           run a recipe's steps (--size tiny runs in minutes on a laptop CPU)
+
+Counts are of the skipless what-if of each architecture (same shapes, no residual
+adds, no norms between blocks): the only form the fusion applies to.
+"""
+
+import argparse
+import json
+import sys
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from . import counting, fusion
+from .models.skipless import ModelArgs
+
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def models() -> dict:
+    return {p.stem: tomllib.loads(p.read_text()) for p in sorted(ZOO.glob("*.toml"))}
+
+
+def recipes() -> dict:
+    return {p.stem: tomllib.loads(p.read_text()) for p in sorted((ZOO / "recipes").glob("*.toml"))}
+
+
+def lookup(table: dict, name: str, kind: str) -> dict:
+    if name not in table:
+        raise KeyError(f"no {kind} {name!r}; the zoo has: {', '.join(table)}")
+    return table[name]
+
+
+def args_of(entry: dict) -> ModelArgs:
+    return ModelArgs(**entry["model"])
+
+
+def skipless(args: ModelArgs) -> ModelArgs:
+    """The architecture's skipless what-if: same shapes, nothing between blocks."""
+    return replace(args, residual=False, block_norm=None, removed=None)
+
+
+def legal_removals(args: ModelArgs):
+    """The square matrices that can move into the previous block ("q", "k", "v")."""
+    d, hd = args.hidden_size, args.head_dim
+    widths = {"q": args.num_attention_heads * hd, "k": args.num_key_value_heads * hd}
+    widths["v"] = widths["k"]
+    return [n for n, w in widths.items() if w == d]
+
+
+def summary(name: str, entry: dict) -> dict:
+    args = args_of(entry)
+    published = entry.get("parameters")
+    total = counting.count(args)["total"]
+    base = skipless(args)
+    out = {
+        "name": name, "title": entry.get("title", name), "source": entry.get("source"),
+        "config": entry["model"], "parameters": total, "parameters_published": published,
+        "parameters_match": None if not published else abs(total / published - 1) <= 0.005,
+        "skipless": counting.count(base), "reductions": {},
+    }
+    if entry.get("note"):
+        out["note"] = entry["note"]
+    for remove in legal_removals(base):
+        r = counting.compare_plan(base, fusion.default_plan(base, remove))
+        item = {"removed_per_block": [f.upper() for f in fusion.default_plan(base, remove)[0]],
+                "before": r["vanilla"]["total"], "after": r["reduced"]["total"], "removed": r["removed"],
+                "removed_fraction": r["removed_fraction"], "speedup_paper_count": r["speedup_paper"],
+                "speedup_predicted": r["speedup_predicted"],
+                "components_after": r["reduced"]["components"]}
+        if "claim" in r:
+            item["paper_claim_not_exact"] = r["claim"]
+        out["reductions"][remove] = item
+    if "paper" in entry:
+        out["paper"] = entry["paper"]
+    out["recipes"] = [n for n, rec in recipes().items() if rec.get("model") == name]
+    return out
+
+
+def show(name: str) -> str:
+    s = summary(name, lookup(models(), name, "model"))
+    lines = [f"{s['title']}  ({s['source']})", ""]
+    lines += [f"  {k} = {v}" for k, v in s["config"].items()]
+    match = "" if s["parameters_match"] is None else (
+        f" (published {s['parameters_published']:,}: {'match' if s['parameters_match'] else 'MISMATCH'})")
+    lines += ["", f"weights: {s['parameters']:,}{match}", "", "skipless what-if, per component:"]
+    lines += [f"  {k:<16} {v:>16,}" for k, v in s["skipless"]["components"].items()]
+    if not s["reductions"]:
+        lines += ["", "no square Q, K or V: nothing can be removed exactly" + (f" ({s['note']})" if "note" in s else "")]
+    for remove, r in s["reductions"].items():
+        lines += ["", f"remove {' and '.join(r['removed_per_block'])} in every block: {r['before']:,} -> "
+                  f"{r['after']:,} ({100 * r['removed_fraction']:.1f}% removed), predicted batch-1 speedup "
+                  f"{r['speedup_predicted']:.3f}x from weights read per token ({r['speedup_paper_count']:.3f}x "
+                  "as the paper counts)"]
+        if "paper_claim_not_exact" in r:
+            c = r["paper_claim_not_exact"]
+            lines.append(f"  paper's claim (no Q and no P in a parallel block; not exact): "
+                         f"{100 * c['removed_fraction']:.1f}% removed, {c['speedup_paper']:.2f}x")
+    if "paper" in s:
+        lines += ["", f"paper: {s['paper']}"]
+    if s["recipes"]:
+        lines += ["", "recipes: " + ", ".join(s["recipes"]) + "  (python -m mlx_skipless.zoo run NAME --size tiny)"]
+    return "\n".join(lines)
+
+
+def table_rows():
+    rows = []
+    for name, entry in models().items():
+        s = summary(name, entry)
+        best = min(s["reductions"].values(), key=lambda r: r["after"], default=None)
+        rows.append({"name": name, "parameters": s["parameters"],
+                     "removed_fraction": best["removed_fraction"] if best else 0.0,
+                     "after": best["after"] if best else s["skipless"]["total"],
+                     "speedup_predicted": best["speedup_predicted"] if best else 1.0,
+                     "speedup_paper_count": best["speedup_paper_count"] if best else 1.0,
+                     "removed": " and ".join(best["removed_per_block"]) if best else "nothing",
+                     "paper_claim": best.get("paper_claim_not_exact") if best else None,
+                     "parallel": entry["model"].get("parallel_block", False)})
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def markdown(rows) -> str:
+    lines = ["| model | weights | removed per block | after | removed | speedup (weights read) | "
+             "speedup (paper's count) | paper's parallel claim |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        claim = (f"{100 * r['paper_claim']['removed_fraction']:.1f}%, {r['paper_claim']['speedup_paper']:.2f}x"
+                 if r["paper_claim"] else "")
+        lines.append(f"| {r['name']} | {_human(r['parameters'])} | {r['removed']} | {_human(r['after'])} | "
+                     f"{100 * r['removed_fraction']:.1f}% | {r['speedup_predicted']:.3f}x | "
+                     f"{r['speedup_paper_count']:.3f}x | {claim} |")
+    return "\n".join(lines) + "\n"
+
+
+def svg(rows) -> str:
+    """A horizontal bar chart of the fraction of weights each model loses."""
+    bar, left, width = 22, 150, 420
+    top = max(r["removed_fraction"] for r in rows) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" '
+             f'height="{bar * len(rows) + 50}" font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="16">weights removed by exact fusion (skipless what-if)</text>']
+    for i, r in enumerate(rows):
+        y, w = 28 + i * bar, width * r["removed_fraction"] / top
+        color = "#d98b3a" if r["parallel"] else "#3a7bd9"
+        parts += [f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{r["name"]}</text>',
+                  f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 6}" fill="{color}"/>',
+                  f'<text x="{left + w + 4:.1f}" y="{y + 14}">{100 * r["removed_fraction"]:.1f}%</text>']
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+# -- recipes ---------------------------------------------------------------------------------
+
+
+def _flags(options: dict):
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        elif value is not False and value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def run(name: str, size: str, out: Path, log=print) -> dict:
+    """Run a recipe's steps in order, each output feeding the next; returns the paths."""
+    from . import convert, generate, normfree, train
+
+    recipe = lookup(recipes(), name, "recipe")
+    sizes = recipe.get("sizes", {})
+    if size not in sizes:
+        raise KeyError(f"recipe {name!r} has sizes {', '.join(sizes)}, not {size!r}")
+    chosen = sizes[size]
+    model = {**lookup(models(), recipe["model"], "model")["model"], **recipe.get("model_overrides", {}),
+             **chosen.get("model", {})}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.json").write_text(json.dumps(model, indent=2))
+    paths, source, latest = {}, None, None  # source: the newest unconverted checkpoint
+    for step in recipe["steps"]:
+        kind = step["step"]
+        options = {**step.get("args", {}), **chosen.get(kind, {})}
+        target = out / kind
+        log(f"[zoo] {name} ({size}): {kind}")
+        if kind == "train":
+            code = train.main(["--config", str(out / "model.json"), "--out", str(target)] + _flags(options))
+        elif kind == "normfree":
+            code = normfree.main(["--model", str(source), "--out", str(target), "--force"] + _flags(options))
+        elif kind in ("convert", "quantize"):
+            extra = ["-q"] if kind == "quantize" else []
+            code = convert.main(["--hf-path", str(source), "--mlx-path", str(target), "--force"]
+                                + extra + _flags(options))
+        elif kind == "generate":
+            code = generate.main(["--model", str(latest)] + _flags(options))
+        else:
+            raise KeyError(f"recipe {name!r}: unknown step {kind!r}")
+        if code:
+            raise RuntimeError(f"recipe {name!r} stopped at {kind!r} (exit status {code})")
+        if kind in ("train", "normfree"):
+            source = target
+        if kind != "generate":
+            paths[kind] = latest = target
+    return paths
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlx-skipless zoo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list").add_argument("--json", action="store_true")
+    s = sub.add_parser("show")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    t = sub.add_parser("table")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--out", help="also write zoo-table.md and zoo-savings.svg into this directory")
+    r = sub.add_parser("run")
+    r.add_argument("recipe")
+    r.add_argument("--size", default="tiny")
+    r.add_argument("--out", help="work directory (default: zoo-runs/RECIPE-SIZE)")
+    return p
+
+
+def main(argv=None):
+    o = build_parser().parse_args(argv)
+    try:
+        if o.command == "list":
+            items = {"models": {n: e.get("title", n) for n, e in models().items()},
+                     "recipes": {n: r.get("summary", "") for n, r in recipes().items()}}
+            if o.json:
+                print(json.dumps(items, indent=2))
+            else:
+                print("models:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["models"].items()))
+                print("recipes:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["recipes"].items()))
+        elif o.command == "show":
+            entry = lookup(models(), o.name, "model")
+            print(json.dumps(summary(o.name, entry), indent=2) if o.json else show(o.name))
+        elif o.command == "table":
+            rows = table_rows()
+            if o.out:
+                out = Path(o.out)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "zoo-table.md").write_text(markdown(rows))
+                (out / "zoo-savings.svg").write_text(svg(rows))
+            print(json.dumps(rows, indent=2) if o.json else markdown(rows), end="")
+        else:
+            run(o.recipe, o.size, Path(o.out or f"zoo-runs/{o.recipe}-{o.size}"))
+    except (KeyError, RuntimeError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Acceptance (issue 6): the zoo's figures, published counts, and runnable recipes."""
+
+import json
+
+import pytest
+
+from mlx_skipless import zoo
+
+
+def show_json(name, capsys):
+    assert zoo.main(["show", name, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_mistral_7b_reproduces_the_paper(capsys):
+    s = show_json("mistral-7b", capsys)
+    q = s["reductions"]["q"]
+    assert round(s["parameters"] / 1e9, 1) == 7.2 and round(q["after"] / 1e9, 1) == 6.2
+    assert round(100 * q["removed_fraction"]) == 15 and round(q["speedup_paper_count"], 2) == 1.17
+    assert list(s["reductions"]) == ["q"]  # GQA: K and V are not square
+
+
+def test_pythia_gives_the_exact_parallel_figure_and_the_claim_apart(capsys):
+    s = show_json("pythia-6.9b", capsys)
+    q = s["reductions"]["q"]
+    assert q["removed_per_block"] == ["Q"]
+    assert q["removed_fraction"] == pytest.approx(0.078, abs=5e-4)
+    claim = q["paper_claim_not_exact"]
+    assert round(100 * claim["removed_fraction"]) == 16 and claim["exact"] is False
+
+
+@pytest.mark.parametrize("name", list(zoo.models()))
+def test_every_config_matches_its_published_parameter_count(name):
+    s = zoo.summary(name, zoo.models()[name])
+    assert s["parameters_match"], (s["parameters"], s["parameters_published"])
+
+
+def test_table_writes_markdown_and_a_chart(tmp_path, capsys):
+    assert zoo.main(["table", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "zoo-table.md").read_text()
+    assert all(f"| {name} |" in table for name in zoo.models())
+    assert (tmp_path / "zoo-savings.svg").read_text().startswith("<svg")
+
+
+def test_unknown_names_are_one_line_errors(capsys):
+    assert zoo.main(["show", "gpt-5"]) == 1
+    assert "no model 'gpt-5'; the zoo has:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", list(zoo.recipes()))
+def test_every_recipe_runs_tiny_end_to_end(recipe, tmp_path, capsys):
+    paths = zoo.run(recipe, "tiny", tmp_path, log=lambda *_: None)
+    assert {"train", "normfree", "convert", "quantize"} <= set(paths)
+    config = json.loads((paths["convert"] / "config.json").read_text())
+    assert config["model_type"] == "skipless" and "conversion" in config
+    assert "block_norm" not in config  # the norms are gone
+    out = capsys.readouterr().out
+    assert "[INFO] wrote" in out and out.strip().splitlines()[-1]  # generated text comes last
