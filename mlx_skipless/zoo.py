@@ -232,6 +232,7 @@ def build_parser():
     r.add_argument("recipe")
     r.add_argument("--size", default="tiny")
     r.add_argument("--out", help="work directory (default: zoo-runs/RECIPE-SIZE)")
+    r.add_argument("--json", action="store_true", help="end with the output paths as JSON")
     return p
 
 
@@ -258,7 +259,9 @@ def main(argv=None):
                 (out / "zoo-savings.svg").write_text(svg(rows))
             print(json.dumps(rows, indent=2) if o.json else markdown(rows), end="")
         else:
-            run(o.recipe, o.size, Path(o.out or f"zoo-runs/{o.recipe}-{o.size}"))
+            paths = run(o.recipe, o.size, Path(o.out or f"zoo-runs/{o.recipe}-{o.size}"))
+            if o.json:
+                print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     except (KeyError, RuntimeError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 1

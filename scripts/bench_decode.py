@@ -1,0 +1,207 @@
+"""Batch-1 decode speed: vanilla skipless vs reduced (no Q, no P) vs mlx-lm's llama.
+
+The three models share one shape and dtype; the reduced one is made from the
+vanilla one by the converter's fusion. Decode steps of the three run
+interleaved one by one, in alternating order, after a warm-up, so drift on a
+shared machine hits all three alike (BENCHMARKING notes); the speedup is the
+median of per-step time ratios. Prediction: bytes of weights read per token,
+vanilla over reduced.
+
+    python scripts/bench_decode.py                           # preset "small", float32 and bfloat16
+    python scripts/bench_decode.py --preset mistral-7b --dtypes bfloat16 4bit --json
+    python scripts/bench_decode.py --markdown docs/bench-decode.md
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_skipless import fusion, layout
+from mlx_skipless.models.skipless import Model, ModelArgs
+
+PRESETS = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),  # a smoke test, not a measurement
+    # runs on a laptop CPU; the shape BENCHMARKING.md measured
+    "small": dict(hidden_size=2048, num_hidden_layers=8, intermediate_size=5632, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000),
+    "mistral-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "pythia-6.9b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=16384,
+                        num_attention_heads=32, vocab_size=50432, parallel_block=True, mlp_type="mlp",
+                        hidden_act="gelu", partial_rotary_factor=0.25, attention_bias=True, mlp_bias=True),
+}
+
+
+def random_layer(args: ModelArgs, rng) -> dict:
+    """One block's weights in float32, square projections near the identity (well-conditioned)."""
+    from mlx_skipless.counting import shapes
+
+    block = {k.split(".", 3)[3]: s for k, s in shapes(args).items() if k.startswith("model.layers.0.")}
+    out = {}
+    for name, shape in block.items():
+        w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+        if name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) == 2 and shape[0] == shape[1]:
+            w = np.eye(shape[0], dtype=np.float32) + 0.3 * w
+        out[name] = w
+    return out
+
+
+def build(args: ModelArgs, seed=0):
+    """(vanilla, reduced) skipless models and mlx-lm llama weights, float32 numpy."""
+    rng = np.random.default_rng(seed)
+    layers = [random_layer(args, rng) for _ in range(args.num_hidden_layers)]
+    flat = {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32),
+            "lm_head.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32)
+            / np.sqrt(args.hidden_size)}
+    for i, layer in enumerate(layers):
+        flat.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    weights = layout.weights_from_flat(flat, args)
+    fused, reduced_args, _ = fusion.fuse(weights, args, fusion.default_plan(args, "q"))
+    return flat, reduced_args, layout.weights_to_flat(fused, reduced_args)
+
+
+def load(model, flat, dtype):
+    model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in flat.items()], strict=False)
+    if dtype in ("4bit", "8bit"):
+        model.set_dtype(mx.bfloat16)
+        nn.quantize(model, 64, int(dtype[0]))
+    else:
+        model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_llama(args: ModelArgs):
+    return llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads, rms_norm_eps=1e-5, vocab_size=args.vocab_size,
+        tie_word_embeddings=False))
+
+
+def bytes_read_per_token(model) -> int:
+    """Every weight once per token, except the embedding table, of which one row is read."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    embed = model.model.embed_tokens
+    table = sum(v.nbytes for _, v in tree_flatten(embed.parameters()))
+    return total - table + table // embed.weight.shape[0]
+
+
+def measure(models: dict, prompt: int, steps: int, warmup: int) -> dict:
+    names = list(models)
+    caches = {n: make_prompt_cache(m) for n, m in models.items()}
+    tokens = mx.array(np.random.default_rng(1).integers(0, 1000, (1, prompt)))
+    prefill = {}
+    for n in names:
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        mx.eval(models[n](tokens, cache=caches[n]))
+        prefill[n] = prompt / (time.perf_counter() - t)
+    times = {n: [] for n in names}
+    token = mx.array([[1]])
+    for step in range(warmup + steps):
+        order = names if step % 2 == 0 else names[::-1]
+        for n in order:
+            t = time.perf_counter()
+            mx.eval(models[n](token, cache=caches[n]))
+            if step >= warmup:
+                times[n].append(time.perf_counter() - t)
+    return {"prefill_tokens_per_s": prefill, "step_times": times}
+
+
+def peak_memory(model, prompt: int, decode: int = 4) -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.zeros((1, prompt), dtype=mx.int32), cache=cache))
+    for _ in range(decode):
+        mx.eval(model(mx.array([[1]]), cache=cache))
+    return mx.get_peak_memory()
+
+
+def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
+    args = ModelArgs(**PRESETS[preset])
+    flat, reduced_args, reduced_flat = build(args)
+    models = {"vanilla": load(Model(args), flat, dtype), "reduced": load(Model(reduced_args), reduced_flat, dtype)}
+    if not args.parallel_block and args.mlp_type == "glu":  # mlx-lm's llama has that shape
+        models["mlx_lm_llama"] = load(mlx_lm_llama(args), flat, dtype)
+    del flat, reduced_flat
+    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "peak_memory_bytes": {}}
+    for n, m in models.items():
+        result["bytes_read_per_token"][n] = bytes_read_per_token(m)
+        result["peak_memory_bytes"][n] = peak_memory(m, prompt)
+    timing = measure(models, prompt, steps, warmup)
+    result["prefill_tokens_per_s"] = timing["prefill_tokens_per_s"]
+    t = {n: np.array(v) for n, v in timing["step_times"].items()}
+    result["decode_tokens_per_s"] = {n: {"median": float(np.median(1 / v)), "min": float((1 / v).min()),
+                                         "max": float((1 / v).max())} for n, v in t.items()}
+    b = result["bytes_read_per_token"]
+    result["predicted_speedup"] = b["vanilla"] / b["reduced"]
+    result["measured_speedup"] = float(np.median(t["vanilla"] / t["reduced"]))
+    result["measured_over_predicted"] = result["measured_speedup"] / result["predicted_speedup"]
+    if "mlx_lm_llama" in t:
+        result["vanilla_over_mlx_lm_time"] = float(np.median(t["vanilla"] / t["mlx_lm_llama"]))
+    result["steps"], result["warmup"], result["prompt"] = steps, warmup, prompt
+    return result
+
+
+def markdown(results, machine: str) -> str:
+    lines = [f"Measured on {machine} with `python scripts/bench_decode.py` "
+             f"({results[0]['steps']} interleaved decode steps after {results[0]['warmup']} warm-up).", "",
+             "| preset | dtype | vanilla tok/s | reduced tok/s | mlx-lm llama tok/s | predicted | measured | "
+             "vanilla / mlx-lm time | peak memory vanilla -> reduced |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        d = r["decode_tokens_per_s"]
+        llama_ = f"{d['mlx_lm_llama']['median']:.2f}" if "mlx_lm_llama" in d else "n/a"
+        ratio = f"{r['vanilla_over_mlx_lm_time']:.3f}" if "vanilla_over_mlx_lm_time" in r else "n/a"
+        pm = r["peak_memory_bytes"]
+        lines.append(f"| {r['preset']} | {r['dtype']} | {d['vanilla']['median']:.2f} | {d['reduced']['median']:.2f} | "
+                     f"{llama_} | {r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | {ratio} | "
+                     f"{pm['vanilla'] / 1e9:.2f} -> {pm['reduced'] / 1e9:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="small")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16", "4bit", "8bit"])
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens processed before decoding")
+    p.add_argument("--steps", type=int, default=160, help="interleaved decode steps measured")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--markdown", help="also write the table to this file")
+    o = p.parse_args()
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
+    results = []
+    for dtype in o.dtypes:
+        results.append(run(o.preset, dtype, o.prompt, o.steps, o.warmup))
+        if not o.json:
+            r = results[-1]
+            print(f"{o.preset} {dtype}: predicted {r['predicted_speedup']:.3f}x, measured "
+                  f"{r['measured_speedup']:.3f}x; " + ", ".join(
+                      f"{n} {v['median']:.2f} tok/s" for n, v in r["decode_tokens_per_s"].items()), flush=True)
+    if o.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+    else:
+        print(markdown(results, machine))
+    if o.markdown:
+        with open(o.markdown, "w") as f:
+            f.write(markdown(results, machine))
+
+
+if __name__ == "__main__":
+    main()
