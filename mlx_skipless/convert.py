@@ -110,6 +110,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         if streams:
             for name in names:
                 streams.start(name, shells[name])
+                if not shells[name].args.tie_word_embeddings:
+                    shells[name].model.pop("embed_tokens")  # from here on only the head is used
         else:
             shells.clear()  # written: nothing else needs them
 
@@ -250,6 +252,15 @@ def _write_metadata(staging, ckpt, new_args, dtype, quant, report):
     (staging / "README.md").write_text(model_card(report))
 
 
+def verification_rows(v):
+    """(label, metrics): float32, then, if stored otherwise, converted and original as stored."""
+    rows = [("converted, float32", v["float32"])]
+    if v["stored_as"] != "float32":
+        rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
+                 (f"original, {v['stored_as']}", v["stored"]["original"])]
+    return rows
+
+
 def model_card(report) -> str:
     w, s = report["weights"], report["predicted_speedup"]
     lines = [
@@ -270,10 +281,8 @@ def model_card(report) -> str:
             f"Verification against {v['reference']} on {v['probe']}:", "",
             "| model | max rel. logit error | top-1 agreement | KL |", "|---|---|---|---|",
         ]
-        rows = [("converted, float32", v["float32"]), (f"converted, {v['stored_as']}", v["stored"]["converted"]),
-                (f"original, {v['stored_as']}", v["stored"]["original"])]
         lines += [f"| {n} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% | {m['kl']:.2e} |"
-                  for n, m in rows]
+                  for n, m in verification_rows(v)]
         lines.append("")
     lines += [
         "## Use", "", "```bash", "pip install mlx-skipless",
@@ -294,11 +303,7 @@ def _log_report(report, log):
         log(f"[INFO] inverted {len(conds)} matrices, condition numbers {min(conds):.3g} to {max(conds):.3g}")
     v = report.get("verification")
     if v:
-        rows = [("converted, float32", v["float32"])]
-        if v["stored_as"] != "float32":
-            rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
-                     (f"original,  {v['stored_as']}", v["stored"]["original"])]
-        for name, m in rows:
+        for name, m in verification_rows(v):
             log(f"[VERIFY] {name:<28} max rel. logit error {m['max_rel_error']:.2e}, "
                 f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}")
         if v["degraded"]:

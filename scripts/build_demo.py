@@ -80,12 +80,10 @@ def card(state, reports, commands, sample) -> str:
     last = trained["history"][-1]
     conds = [e["cond"] for e in reports["float32"]["layers"] if "cond" in e]
     w = reports["float32"]["weights"]
-    rows = []
-    for dtype, r in reports.items():
-        v = r["verification"]
-        for label, m in ((f"converted, {dtype}", v["stored"]["converted"]),
-                         (f"original, {dtype}", v["stored"]["original"])):
-            rows.append(f"| {label} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% | {m['kl']:.2e} |")
+    from mlx_skipless.convert import verification_rows
+
+    rows = [f"| {label} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% | {m['kl']:.2e} |"
+            for r in reports.values() for label, m in verification_rows(r["verification"])]
     t = trained["options"]
     return "\n".join([
         "# skipless-python: the mlx-skipless demo model", "",
