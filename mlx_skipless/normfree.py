@@ -25,6 +25,7 @@ from .norms import FixedNorm, ScaleRecorder, center_output, fold
 
 FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.gate",
               "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.fc1")
+WARMUP_STEPS = 20
 FFN_OUTPUTS = ("mlp.down_proj", "mlp.fc2", "mlp.switch_mlp.down_proj", "mlp.switch_mlp.fc2")
 
 
@@ -123,7 +124,7 @@ def fold_norms(model: Model, args: ModelArgs):
     return folded, new_args
 
 
-def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=3e-4, batch_size=16,
+def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-4, batch_size=16,
                  context=128, calibration_batches=4, seed=1, log=print) -> tuple:
     """(norm-free model, its args, report): the whole recipe, with measured losses."""
     if not args.block_norm:
@@ -132,7 +133,9 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=3e-
         raise ValueError("this model has residual adds; normfree is for skipless models")
     report = {"val_loss_with_norms": train.evaluate(model, corpus, context), "stages": []}
     log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
-    optimizer = optim.AdamW(lr, weight_decay=0.0)
+    # A fresh Adam's first steps are full-size: warm up, or they undo the training.
+    warmup = optim.linear_schedule(lr / 20, lr, WARMUP_STEPS)
+    optimizer = optim.AdamW(optim.join_schedules([warmup, lambda _: lr], [WARMUP_STEPS]), weight_decay=0.0)
     step = 0
     for i, name in schedule(args):
         scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
@@ -163,7 +166,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps-per-norm", type=int, default=20)
     p.add_argument("--final-steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
