@@ -69,8 +69,9 @@ CHILD = """
 import json, resource, sys, time
 t = time.perf_counter()
 from mlx_skipless.convert import convert
+# The cost is measured whatever the verdict: random deep stacks may trip the degradation check.
 report = convert(sys.argv[1], sys.argv[2], verify_output=sys.argv[3] == "1", progress=False,
-                 log=lambda *a: None)
+                 allow_degraded=True, log=lambda *a: None)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_bytes": peak,
                   "verification": report.get("verification", {}).get("stored")}))
@@ -88,7 +89,9 @@ def measure(layers: int, verify: bool, work: Path) -> dict:
     src = work / f"src-{layers}"
     write_checkpoint(src, args)
     run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / f"out-{layers}"), str(int(verify))],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"conversion of {layers} layers failed:\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
     comp = counts["components"]
     block = (counts["total"] - comp["embed_tokens"] - comp.get("lm_head", 0) - comp.get("norms", 0)) // layers
