@@ -105,3 +105,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert normfree.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+@pytest.mark.parametrize("form", [
+    dict(removed=["qp", "qp"], block_norm=None),                      # a reduced form, trained directly
+    dict(removed=["qp", "qp"], residual=True, block_norm="layernorm"),  # Karbevski's W_Q = I block
+    dict(shaped_attention=True, parallel_block=True, removed=["q", "q"], block_norm=None),
+])
+def test_reduced_and_norm_skip_forms_train_directly(setup, tmp_path, form):
+    tok, corpus = setup
+    model, args = fresh(tok, **form)
+    before = train.evaluate(model, corpus, 32)
+    state = train.train(model, args, tok, corpus, tmp_path / "run", steps=20, **RUN)
+    assert state["history"][-1]["val_loss"] < before - 0.3
