@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, counting, fusion, layout, verify
@@ -47,17 +46,14 @@ def plan(ckpt: SkiplessCheckpoint, remove: str, dtype: str, log=print, quant=Non
     merge_p = "p" if fusion.merges_p(args) else ""
     if remove != "auto":
         return [remove + merge_p] * args.num_hidden_layers, {}
-    d, hd = args.hidden_size, args.head_dim
-    widths = {"q": args.num_attention_heads * hd, "k": args.num_key_value_heads * hd}
-    widths["v"] = widths["k"]
-    candidates = [name for name, width in widths.items() if width == d]
+    candidates = fusion.square_projections(args)
     unit = max(UNIT_ROUNDOFF[dtype], 2.0 ** -quant["bits"] if quant else 0.0)
     stored = dtype + (f", {quant['bits']}-bit" if quant else "")
     limit = max(MAX_AMPLIFICATION, AMPLIFICATION_BUDGET / unit)
     forms, notes = [], {}
     for i in range(args.num_hidden_layers):
         layer = ckpt.layer(i)
-        conds = {n: _cond(layer[f"self_attn.{n}_proj.weight"]) for n in candidates}
+        conds = {n: fusion.condition_number(layer[f"self_attn.{n}_proj.weight"]) for n in candidates}
         best = min(conds, key=conds.get) if conds else None
         if best is None or conds[best] > limit:
             forms.append(merge_p)
@@ -67,11 +63,6 @@ def plan(ckpt: SkiplessCheckpoint, remove: str, dtype: str, log=print, quant=Non
         else:
             forms.append(best + merge_p)
     return forms, notes
-
-
-def _cond(W: np.ndarray) -> float:
-    s = np.linalg.svd(W, compute_uv=False)
-    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
 
 
 def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: str = "auto",

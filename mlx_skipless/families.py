@@ -120,7 +120,8 @@ def _gpt2_args(c: dict) -> dict:
     )
 
 
-def _skipless_args(c: dict) -> dict:
+def model_fields(c: dict) -> dict:
+    """The entries of a config that are ModelArgs fields (the project's own format)."""
     fields = ModelArgs.__dataclass_fields__
     return {k: v for k, v in c.items() if k in fields}
 
@@ -262,7 +263,7 @@ FAMILIES = {
                        "gpt_neox.final_layer_norm.weight", "layernorm"),
     "gpt2": Family("gpt2", _gpt2_args, _gpt2_layer, _gpt2_globals, "ln_f.weight", "layernorm",
                    prefixes=("transformer.", "")),
-    "skipless": Family("skipless", _skipless_args, _skipless_layer, _skipless_globals, None),
+    "skipless": Family("skipless", model_fields, _skipless_layer, _skipless_globals, None),
 }
 
 

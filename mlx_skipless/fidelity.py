@@ -13,11 +13,9 @@ import json
 import sys
 import tempfile
 
-import numpy as np
-
 from .checkpoint import CheckpointError
 from .convert import convert
-from .fusion import FusionError
+from .fusion import FusionError, condition_number, square_projections
 from .loading import SkiplessCheckpoint
 
 TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16": ("bfloat16", None),
@@ -25,18 +23,9 @@ TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16
 
 
 def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
-    d = ckpt.args.hidden_size
-    rows = []
-    for i in range(ckpt.args.num_hidden_layers):
-        layer = ckpt.layer(i)
-        row = {}
-        for m in "qkv":
-            w = layer[f"self_attn.{m}_proj.weight"]
-            if w.shape == (d, d):
-                s = np.linalg.svd(w, compute_uv=False)
-                row[m] = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
-        rows.append(row)
-    return rows
+    square = square_projections(ckpt.args)
+    return [{m: condition_number(layer[f"self_attn.{m}_proj.weight"]) for m in square}
+            for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 
 def measure(source: str, targets, remove="auto", assume_skipless=False, group_size=64) -> dict:

@@ -173,6 +173,20 @@ def fuse_embeddings(embed, positions, head, basis: Optional[Affine], rows: int =
     return fused, positions, head
 
 
+def condition_number(W: np.ndarray) -> float:
+    """Largest over smallest singular value: how much an inverse can amplify error."""
+    s = np.linalg.svd(W, compute_uv=False)
+    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+
+
+def square_projections(args: ModelArgs) -> List[str]:
+    """Which of "q", "k", "v" are square, so can move into the previous block."""
+    d, hd = args.hidden_size, args.head_dim
+    widths = {"q": args.num_attention_heads * hd, "k": args.num_key_value_heads * hd,
+              "v": args.num_key_value_heads * hd}
+    return [n for n, w in widths.items() if w == d]
+
+
 def basis_of(layer: Dict[str, Affine], form: str, index: int):
     """(Affine basis, InvertedMatrix) of the projection `form` removes, or None."""
     name = form.replace("p", "")
@@ -180,8 +194,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int):
         return None
     key = f"self_attn.{name}_proj"
     basis = layer[key]
-    s = np.linalg.svd(basis.W, compute_uv=False)
-    cond = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+    cond = condition_number(basis.W)
     if cond > SINGULAR_COND:
         raise FusionError(
             f"layer {index}: {key} is singular (condition number {cond:.3g}); "

@@ -97,8 +97,8 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
 
     from transformers.utils import logging
 
-    model, config = load_model(path_or_repo, revision, lazy, assume_skipless)
     path = resolve(path_or_repo, revision)
+    model, config = load_model(str(path), None, lazy, assume_skipless)
     # transformers warns that it does not know model_type "skipless"; it only needs the tokenizer.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()

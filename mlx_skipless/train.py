@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import data
+from . import data, families
 from .checkpoint import staged_directory
 from .models.skipless import Model, ModelArgs
 
@@ -40,7 +40,7 @@ def read_model_config(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no such model config")
     config = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
     config = config.get("model", config)
-    return {k: v for k, v in config.items() if k in ModelArgs.__dataclass_fields__}
+    return families.model_fields(config)
 
 
 def initialize(model: Model, seed: int, q_scale: float = 1.0):
@@ -121,7 +121,7 @@ def save(out: Path, model: Model, args: ModelArgs, tok, optimizer, state: dict, 
 def load_checkpoint(path: Path):
     """(model, args, tokenizer, trainer state or {}) of a checkpoint written by `save`."""
     config = json.loads((path / "config.json").read_text())
-    args = ModelArgs(**{k: v for k, v in config.items() if k in ModelArgs.__dataclass_fields__})
+    args = ModelArgs(**families.model_fields(config))
     model = Model(args)
     model.load_weights(str(path / "model.safetensors"))
     state = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}

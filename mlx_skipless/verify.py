@@ -24,11 +24,6 @@ def probe_tokens(vocab_size: int, batch: int = PROBE_BATCH, length: int = PROBE_
     return mx.array(np.random.default_rng(seed).integers(0, vocab_size, (batch, length)))
 
 
-def logits64(model, tokens: mx.array) -> np.ndarray:
-    out = model(tokens).astype(mx.float32)
-    return np.array(out, dtype=np.float64)
-
-
 def compare(test: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
     """Max relative logit error, top-1 agreement and mean KL(ref || test)."""
     def log_softmax(x):

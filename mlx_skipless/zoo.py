@@ -46,14 +46,6 @@ def skipless(args: ModelArgs) -> ModelArgs:
     return replace(args, residual=False, block_norm=None, removed=None)
 
 
-def legal_removals(args: ModelArgs):
-    """The square matrices that can move into the previous block ("q", "k", "v")."""
-    d, hd = args.hidden_size, args.head_dim
-    widths = {"q": args.num_attention_heads * hd, "k": args.num_key_value_heads * hd}
-    widths["v"] = widths["k"]
-    return [n for n, w in widths.items() if w == d]
-
-
 def summary(name: str, entry: dict) -> dict:
     args = args_of(entry)
     published = entry.get("parameters")
@@ -67,7 +59,7 @@ def summary(name: str, entry: dict) -> dict:
     }
     if entry.get("note"):
         out["note"] = entry["note"]
-    for remove in legal_removals(base):
+    for remove in fusion.square_projections(base):
         r = counting.compare_plan(base, fusion.default_plan(base, remove))
         item = {"removed_per_block": [f.upper() for f in fusion.default_plan(base, remove)[0]],
                 "before": r["vanilla"]["total"], "after": r["reduced"]["total"], "removed": r["removed"],
