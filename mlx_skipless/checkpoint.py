@@ -130,6 +130,10 @@ class ShardWriter:
             self.spool.write(data)
             self.total_bytes += len(data)
 
+    def discard(self):
+        self.spool.close()
+        self.spool_path.unlink()
+
     def _shards(self):
         shards, size = [[]], 0
         for entry in self.entries:

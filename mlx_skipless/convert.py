@@ -12,65 +12,44 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__, counting, fusion, layout, verify
+from . import __version__, counting, fusion, layout, planner, verify
 from .checkpoint import CheckpointError, ShardWriter, copy_tokenizer, staged_directory
 from .loading import SkiplessCheckpoint, block_module, shell_module, store
 from .models import skipless
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-# Keep B when cond(B) exceeds both: fusion multiplies the dtype's own rounding error by up
-# to cond(B), which stays harmless while cond(B) * unit roundoff is tiny (float32) or
-# cond(B) itself is small; measured in tests/test_convert.py (cond 1e2 and 1e4 in bf16).
-AMPLIFICATION_BUDGET = 0.01
-MAX_AMPLIFICATION = 10.0
+ORIGINALS = ("original", "original_stored")
 
 
 class DegradedError(RuntimeError):
     """The converted model is clearly worse than the original stored the same way."""
 
 
-def plan(ckpt: SkiplessCheckpoint, remove: str, dtype: str, log=print, quant=None):
-    """The target `removed` form of every layer, and a note per layer.
-
-    q, k or v: remove that matrix everywhere (an illegal or singular choice is an
-    error). auto: per layer the best-conditioned square matrix among Q, K, V, or
-    none where even that one would amplify the dtype's rounding past the budget:
-    fusion multiplies rounding error by up to cond(B) (DESIGN §3)."""
-    args = ckpt.args
-    merge_p = "p" if fusion.merges_p(args) else ""
-    if remove != "auto":
-        return [remove + merge_p] * args.num_hidden_layers, {}
-    candidates = fusion.square_projections(args)
-    unit = max(UNIT_ROUNDOFF[dtype], 2.0 ** -quant["bits"] if quant else 0.0)
-    stored = dtype + (f", {quant['bits']}-bit" if quant else "")
-    limit = max(MAX_AMPLIFICATION, AMPLIFICATION_BUDGET / unit)
-    forms, notes = [], {}
-    for i in range(args.num_hidden_layers):
-        layer = ckpt.layer(i)
-        conds = {n: fusion.condition_number(layer[f"self_attn.{n}_proj.weight"]) for n in candidates}
-        best = min(conds, key=conds.get) if conds else None
-        if best is None or conds[best] > limit:
-            forms.append(merge_p)
-            notes[i] = (f"kept Q/K/V: best condition number {conds[best]:.3g} exceeds "
-                        f"{limit:.3g} for {stored}" if best else "no square Q/K/V to remove")
-            log(f"[layer {i}] {notes[i]}")
-        else:
-            forms.append(best + merge_p)
-    return forms, notes
+def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
+    """Per layer {"q": cond(Q), ...} for every square projection (one SVD each)."""
+    square = fusion.square_projections(ckpt.args)
+    return [{m: fusion.condition_number(layer[f"self_attn.{m}_proj.weight"]) for m in square}
+            for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 
 def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: str = "auto",
             dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, assume_skipless: bool = False, verify_output: bool = True,
             allow_degraded: bool = False, force: bool = False, upload_repo: Optional[str] = None,
-            revision: Optional[str] = None, progress: bool = True, log=print) -> dict:
-    """Convert and return the conversion report (also stored in the output's config.json)."""
+            revision: Optional[str] = None, budget: Optional[verify.Budget] = None,
+            progress: bool = True, log=print) -> dict:
+    """Convert and return the conversion report (also stored in the output's config.json).
+
+    --remove auto plans per layer (planner.py): with verification on it measures
+    each candidate plan against `budget` in the target dtype; without, it goes by
+    the condition numbers alone."""
     out = Path(mlx_path)
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists; pass --force to overwrite it")
@@ -82,29 +61,157 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     if dtype not in verify.DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")
     quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None
+    budget = budget or verify.Budget()
     args = ckpt.args
+    stored_as = dtype + (f", {q_bits}-bit (group {q_group_size})" if quant else "")
     log(f"[INFO] {source}: {ckpt.family}, {args.num_hidden_layers} layers, d={args.hidden_size}, "
-        f"{'parallel' if args.parallel_block else 'serial'} blocks -> {dtype}"
-        + (f", {q_bits}-bit" if quant else ""))
+        f"{'parallel' if args.parallel_block else 'serial'} blocks -> {stored_as}")
 
-    forms, notes = plan(ckpt, remove, dtype, log, quant)
-    new_args = fusion.reduced_args(args, forms)
-    target = verify.DTYPES[dtype]
-    streams = verify.Streams(verify.probe_tokens(args.vocab_size)) if verify_output else None
-    names = ("original", "original_stored", "converted", "converted_stored")
+    merge_p = "p" if fusion.merges_p(args) else ""
+    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, verify_output, progress)
+    planning, notes = None, {}
+    if remove != "auto":
+        forms = [remove + merge_p] * args.num_hidden_layers
+    else:
+        conds = condition_numbers(ckpt)
+        rungs = planner.ladder(conds, merge_p)
+        unit = max(UNIT_ROUNDOFF[dtype], 2.0 ** -q_bits if quant else 0.0)
+        if verify_output:
+            forms = rungs[0]
+        else:
+            forms, notes = planner.bound_plan(conds, unit, merge_p)
+            planning = {"method": "bound: keep B where cond(B) is past "
+                        f"max({planner.MAX_AMPLIFICATION:g}, {planner.AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
 
     with staged_directory(out, force) as staging:
+        result = passes.write(staging, forms)
+        if result.verification and not np.isfinite(result.verification["stored"]["original"]["kl"]):
+            raise CheckpointError(f"the original model itself is not finite when stored as {stored_as} "
+                                  "(overflow on the probe tokens): choose a wider --dtype")
+        if remove == "auto" and verify_output:
+            doubtful = len(planner.doubtful(conds, unit))
+            forms, result, planning = _measured_plan(passes, staging, rungs, doubtful, result, budget,
+                                                     stored_as, log)
+            notes = planner.notes_for(conds, forms, f"removing it put the model over the budget in {stored_as}")
+        for i, note in notes.items():
+            log(f"[layer {i}] {note}")
+
+        report = _report(source, ckpt, args, result.args, forms, notes, result.inverted, dtype, quant)
+        if planning:
+            report["plan"] = planning
+        if result.verification:
+            report["verification"] = result.verification
+        result.writer.close(counting.count(result.args)["total"])
+        _write_metadata(staging, ckpt, result.args, dtype, quant, report)
+        _log_report(report, log)
+        if result.verification and result.verification["degraded"] and not allow_degraded:
+            raise DegradedError(
+                "the converted model is clearly worse than the original stored in "
+                f"{stored_as}: see the figures above. Nothing was "
+                "written. Try --remove auto, a wider --dtype, or --allow-degraded to keep it anyway."
+            )
+    log(f"[INFO] wrote {out}")
+    if upload_repo:
+        _upload(out, upload_repo)
+    return report
+
+
+def _measured_plan(passes, staging, rungs, doubtful, first, budget, stored_as, log):
+    """(forms, written pass, planning record) for --remove auto with verification.
+
+    `first`, the top rung, is already written; if it is over the budget, the
+    ladder is bisected and the chosen rung written instead. The first
+    `doubtful` rungs remove a layer that the condition-number bound would keep:
+    they must be within `budget`. Later rungs are at least as cautious as the
+    bound and need only not be clearly worse than rounding, so that measuring
+    never removes less than the bound would (on a sensitive model, noise on the
+    probe can exceed a tight budget however well-conditioned B is). Rounding noise is
+    measured twice where blocks merge P: the original as stored, and the
+    original with only P merged, an exact re-expression that inverts nothing.
+    The budget is relative to the worse of the two, because on a sensitive
+    model two equally good roundings can differ several-fold in KL."""
+    noise = {"original": first.verification["stored"]["original"]}
+    figures = {0: first.verification["stored"]["converted"]}
+    p_merged = len(rungs) - 2 if rungs[-2] != rungs[-1] else None
+
+    def admits(k):
+        if k == len(rungs) - 1:
+            return True  # the original model itself
+        if k not in figures:
+            log(f"[PLAN] trying rung {k} of {len(rungs) - 1}: Q/K/V kept in the {k} worst-conditioned layers")
+            figures[k] = passes.evaluate(rungs[k])
+        return (budget if k < doubtful else verify.CLEARLY_WORSE).admits(figures[k], verify.worst(*noise.values()))
+
+    if not admits(0) and p_merged is not None:
+        log(f"[PLAN] over the fidelity budget in {stored_as}; measuring a second rounding of the original")
+        noise["p_merged"] = figures[p_merged] = passes.evaluate(rungs[p_merged])
+    chosen = 0
+    if not admits(0):
+        log(f"[PLAN] removing every removable Q/K/V is over the fidelity budget in {stored_as}; "
+            "searching for the largest plan within it")
+        first.writer.discard()
+        # the P-merged rung is a reference rounding itself: within budget by definition
+        chosen = planner.search(admits, len(rungs) - 1 if p_merged is None else p_merged)
+        first = passes.write(staging, rungs[chosen])
+    if "p_merged" in noise:
+        v = first.verification
+        v["stored"]["original_p_merged"] = noise["p_merged"]
+        v["degraded"] = _degraded(v["float32"], v["stored"]["converted"], verify.worst(*noise.values()))
+    planning = {
+        "method": "measured: the top rung, then bisection on layers ordered by condition number",
+        "budget": asdict(budget), "doubtful_layers": doubtful, "rounding": noise, "chosen_rung": chosen,
+        "trials": [{"rung": k, "removed": [f or "-" for f in rungs[k]], "converted": m, "admitted": admits(k)}
+                   for k, m in figures.items()],
+    }
+    return rungs[chosen], first, planning
+
+
+class _Pass(NamedTuple):
+    args: object
+    inverted: list
+    verification: Optional[dict]
+    writer: Optional[ShardWriter]
+
+
+class _Passes:
+    """Streaming passes over a checkpoint: fuse every block to a plan, store it
+    in the target dtype, and push the probe tokens through the models that are
+    compared, one block at a time, so memory holds two blocks plus the
+    embeddings. The original's logits come from the first pass only."""
+
+    def __init__(self, ckpt, target, quant, verifying, progress):
+        self.ckpt, self.target, self.quant, self.progress = ckpt, target, quant, progress
+        self.tokens = verify.probe_tokens(ckpt.args.vocab_size) if verifying else None
+        self.reference = {}
+
+    def write(self, staging, forms) -> _Pass:
+        """Write the converted model into `staging` and verify it."""
         writer = ShardWriter(staging)
+        names = () if self.tokens is None else (
+            ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
+        new_args, inverted, logits = self._run(forms, names, writer)
+        self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
+        verification = _verification(logits, self.reference, self.target, self.quant) if names else None
+        return _Pass(new_args, inverted, verification, writer)
+
+    def evaluate(self, forms) -> dict:
+        """The stored converted model's figures, nothing written."""
+        _, _, logits = self._run(forms, ("converted_stored",), None)
+        return verify.compare(logits["converted_stored"], self.reference["original"])
+
+    def _run(self, forms, names, writer):
+        ckpt, args = self.ckpt, self.ckpt.args
+        new_args = fusion.reduced_args(args, forms)
         first = fusion.basis_of(_affines(ckpt.layer(0)), forms[0], 0)
-        shells = _shells(ckpt, new_args, first, target, quant, bool(streams))
-        writer.add(dict(tree_flatten(shells["converted_stored"].parameters())))
-        if streams:
-            for name in names:
-                streams.start(name, shells[name])
-                if not shells[name].args.tie_word_embeddings:
-                    shells[name].model.pop("embed_tokens")  # from here on only the head is used
-        else:
-            shells.clear()  # written: nothing else needs them
+        shells = _shells(ckpt, new_args, first, self.target, self.quant, names)
+        if writer:
+            writer.add(dict(tree_flatten(shells["converted_stored"].parameters())))
+        streams = verify.Streams(self.tokens)
+        for name in names:
+            streams.start(name, shells[name])
+            if not shells[name].args.tie_word_embeddings:
+                shells[name].model.pop("embed_tokens")  # from here on only the head is used
+        shells = {n: shells[n] for n in names}  # the written shell need not stay
 
         others = {}  # per block, tensors fusion passes through (attention shape)
 
@@ -114,49 +221,35 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
 
         layers = fusion.fuse_layers(read, forms, args.parallel_block)
         inverted = []
-        for i, (original, fused, inv) in enumerate(_progress(layers, len(forms), progress)):
+        desc = "fusing" if writer else "trying"
+        for i, (original, fused, inv) in enumerate(_progress(layers, len(forms), self.progress, desc)):
             inverted.append(inv)
             passed = others.pop(i)
             fused_flat = {**layout.layer_to_flat(fused, new_args), **passed}
-            stored = store(block_module(new_args, i, fused_flat), target, quant)
-            writer.add({f"model.layers.{i}.{k}": v for k, v in tree_flatten(stored.parameters())})
-            if streams:
+            blocks = {"converted_stored": lambda: store(block_module(new_args, i, fused_flat), self.target, self.quant),
+                      "converted": lambda: block_module(new_args, i, fused_flat)}
+            if set(names) & set(ORIGINALS):
                 orig_flat = {**layout.layer_to_flat(original, args), **passed}
-                blocks = {"original": block_module(args, i, orig_flat),
-                          "original_stored": store(block_module(args, i, orig_flat), target, quant),
-                          "converted": block_module(new_args, i, fused_flat),
-                          "converted_stored": stored}
-                for name in names:
-                    streams.step(name, blocks[name])
+                blocks.update(original=lambda: block_module(args, i, orig_flat),
+                              original_stored=lambda: store(block_module(args, i, orig_flat), self.target, self.quant))
+            stored = blocks["converted_stored"]()
+            if writer:
+                writer.add({f"model.layers.{i}.{k}": v for k, v in tree_flatten(stored.parameters())})
+            for name in names:
+                streams.step(name, stored if name == "converted_stored" else blocks[name]())
             # MLX keeps freed buffers for reuse; each block's shapes recur, the cache need not.
             mx.clear_cache()
-
-        report = _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant)
-        if streams:
-            report["verification"] = _verification(streams, shells, dtype, quant)
-        writer.close(counting.count(new_args)["total"])
-        _write_metadata(staging, ckpt, new_args, dtype, quant, report)
-        _log_report(report, log)
-        if streams and report["verification"]["degraded"] and not allow_degraded:
-            raise DegradedError(
-                "the converted model is clearly worse than the original stored in "
-                f"{report['verification']['stored_as']}: see the figures above. Nothing was "
-                "written. Try --remove auto, a wider --dtype, or --allow-degraded to keep it anyway."
-            )
-    log(f"[INFO] wrote {out}")
-    if upload_repo:
-        _upload(out, upload_repo)
-    return report
+        return new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
 
 
 def _affines(tensors):
     return layout.layer_from_flat(tensors)[0]
 
 
-def _shells(ckpt, new_args, first, target, quant, verifying):
+def _shells(ckpt, new_args, first, target, quant, names):
     """Embeddings, final norm and head as MLX models without blocks: the converted
-    one as stored and, when verifying, the original and both in float32. The
-    float64 tensors are freed on return; they are the largest thing held."""
+    one as stored, and those of `names` (original, converted, as stored or in
+    float32). The float64 tensors are freed on return; they are the largest thing held."""
     args, tensors = ckpt.args, ckpt.globals()
     embed, positions, head = fusion.fuse_embeddings(
         tensors["model.embed_tokens.weight"], tensors.get("model.embed_positions.weight"),
@@ -167,35 +260,40 @@ def _shells(ckpt, new_args, first, target, quant, verifying):
         fused["model.embed_positions.weight"] = positions
     if not new_args.tie_word_embeddings:
         fused["lm_head.weight"] = head.T
-    shells = {"converted_stored": store(shell_module(new_args, fused), target, quant)}
-    if verifying:
-        shells.update(original=shell_module(args, tensors), converted=shell_module(new_args, fused),
-                      original_stored=store(shell_module(args, tensors), target, quant))
-    return shells
+    build = {"converted_stored": lambda: store(shell_module(new_args, fused), target, quant),
+             "converted": lambda: shell_module(new_args, fused),
+             "original": lambda: shell_module(args, tensors),
+             "original_stored": lambda: store(shell_module(args, tensors), target, quant)}
+    return {n: build[n]() for n in {"converted_stored", *names}}
 
 
-def _progress(iterable, total, enabled):
+def _progress(iterable, total, enabled, desc):
     if not enabled:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc="fusing", unit="layer")
+    return tqdm(iterable, total=total, desc=desc, unit="layer")
 
 
-def _verification(streams, shells, dtype, quant):
-    ref = streams.finish("original", shells["original"])
-    stored_as = dtype + (f", {quant['bits']}-bit (group {quant['group_size']})" if quant else "")
-    converted = verify.compare(streams.finish("converted", shells["converted"]), ref)
-    stored = verify.compare(streams.finish("converted_stored", shells["converted_stored"]), ref)
-    rounding = verify.compare(streams.finish("original_stored", shells["original_stored"]), ref)
+def _verification(logits, reference, target, quant):
+    ref = reference["original"]
+    stored_as = str(target).removeprefix("mlx.core.") + (
+        f", {quant['bits']}-bit (group {quant['group_size']})" if quant else "")
+    converted = verify.compare(logits["converted"], ref)
+    stored = verify.compare(logits["converted_stored"], ref)
+    rounding = verify.compare(reference["original_stored"], ref)
     return {
         "reference": "the original model in float32",
-        "probe": "4 x 32 random token ids, seed 0",
+        "probe": f"{verify.PROBE_BATCH} x {verify.PROBE_LENGTH} random token ids, seed 0",
         "float32": converted,
         "stored_as": stored_as,
         "stored": {"converted": stored, "original": rounding},
-        "degraded": verify.is_degraded(stored, rounding) or verify.is_degraded(converted, verify.EXACT),
+        "degraded": _degraded(converted, stored, rounding),
     }
+
+
+def _degraded(float32, stored, rounding):
+    return verify.is_degraded(stored, rounding) or verify.is_degraded(float32, verify.EXACT)
 
 
 def _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant):
@@ -249,6 +347,8 @@ def verification_rows(v):
     if v["stored_as"] != "float32":
         rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
                  (f"original, {v['stored_as']}", v["stored"]["original"])]
+        if "original_p_merged" in v["stored"]:
+            rows.append((f"original, P merged, {v['stored_as']}", v["stored"]["original_p_merged"]))
     return rows
 
 
@@ -275,14 +375,35 @@ def model_card(report) -> str:
         lines += [f"| {n} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% | {m['kl']:.2e} |"
                   for n, m in verification_rows(v)]
         lines.append("")
+    lines += plan_section(report)
     lines += [
         "## Use", "", "```bash", "pip install mlx-skipless",
         "mlx-skipless generate --model PATH --prompt 'def fib(n):'",
         "# or with stock mlx-lm:", "mlx_lm generate --model PATH --trust-remote-code --prompt 'def fib(n):'",
         "```", "",
-        "Per-layer removals and condition numbers: `conversion` in config.json.", "",
+        "The full report, the plans tried included: `conversion` in config.json.", "",
     ]
     return "\n".join(lines)
+
+
+def plan_section(report) -> list:
+    """Markdown lines: what each layer lost, and how the plan was chosen."""
+    lines = ["## Conversion plan", ""]
+    plan = report.get("plan")
+    if plan and "budget" in plan:
+        b = plan["budget"]
+        lines += [f"Planned by measurement (`--remove auto`): KL at most {b['kl_ratio']:g}x and top-1 agreement "
+                  f"at most {b['top1_points']:g} point(s) (or {b['sigmas']:g} standard errors) worse than "
+                  f"rounding the original in the same dtype; {len(plan['trials'])} plan(s) tried, "
+                  f"rung {plan['chosen_rung']} chosen (rung k keeps Q/K/V in the k worst-conditioned layers).", ""]
+    elif plan:
+        lines += [f"Planned without measuring (`--no-verify`): {plan['method']}.", ""]
+    lines += ["| layer | removed | inverted | condition number | note |", "|---|---|---|---|---|"]
+    lines += [f"| {e['layer']} | {e['removed'].upper() or '-'} | {e.get('inverted', '-')} | "
+              f"{e['cond']:.3g} | {e.get('note', '')} |" if "cond" in e else
+              f"| {e['layer']} | {e['removed'].upper() or '-'} | - | - | {e.get('note', '')} |"
+              for e in report["layers"]]
+    return lines + [""]
 
 
 def _log_report(report, log):
@@ -319,8 +440,9 @@ def build_parser():
     p.add_argument("--revision", help="hub revision: branch, tag or commit")
     p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
     p.add_argument("--remove", choices=["auto", "q", "k", "v"], default="auto",
-                   help="matrix to fuse away per block (default auto: the best-conditioned "
-                   "square one, or none where it would amplify rounding too much)")
+                   help="matrix to fuse away per block (default auto: per layer the best-"
+                   "conditioned square one, or none where the converted model would be over the "
+                   "fidelity budget in the target dtype)")
     p.add_argument("--dtype", choices=sorted(verify.DTYPES), help="default: the checkpoint's")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (mlx affine)")
     p.add_argument("--q-bits", type=int, default=4)
@@ -329,6 +451,12 @@ def build_parser():
                    help="treat a checkpoint not marked \"skipless\": true as skipless")
     p.add_argument("--verify", dest="verify_output", action=argparse.BooleanOptionalAction, default=True,
                    help="compare converted and original logits (default on)")
+    p.add_argument("--budget-kl-ratio", type=float, default=verify.Budget.kl_ratio,
+                   help="auto's fidelity budget: converted KL at most this times the original's "
+                   "own rounding KL in the target dtype (default %(default)s)")
+    p.add_argument("--budget-top1", type=float, default=verify.Budget.top1_points,
+                   help="auto's fidelity budget: top-1 agreement at most this many points below "
+                   "the original's own rounding (default %(default)s)")
     p.add_argument("--allow-degraded", action="store_true",
                    help="write the model even if verification finds it clearly worse")
     p.add_argument("--force", action="store_true", help="overwrite --mlx-path")
@@ -337,9 +465,10 @@ def build_parser():
 
 
 def main(argv=None):
-    opts = build_parser().parse_args(argv)
+    opts = vars(build_parser().parse_args(argv))
+    opts["budget"] = verify.Budget(opts.pop("budget_kl_ratio"), opts.pop("budget_top1"))
     try:
-        convert(**vars(opts))
+        convert(**opts)
     except (CheckpointError, fusion.FusionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

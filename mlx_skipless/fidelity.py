@@ -14,18 +14,12 @@ import sys
 import tempfile
 
 from .checkpoint import CheckpointError
-from .convert import convert
-from .fusion import FusionError, condition_number, square_projections
+from .convert import condition_numbers, convert
+from .fusion import FusionError
 from .loading import SkiplessCheckpoint
 
 TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16": ("bfloat16", None),
            "8bit": ("bfloat16", 8), "4bit": ("bfloat16", 4)}
-
-
-def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
-    square = square_projections(ckpt.args)
-    return [{m: condition_number(layer[f"self_attn.{m}_proj.weight"]) for m in square}
-            for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 
 def measure(source: str, targets, remove="auto", assume_skipless=False, group_size=64) -> dict:
@@ -41,7 +35,7 @@ def measure(source: str, targets, remove="auto", assume_skipless=False, group_si
         out["dtypes"][name] = {"removed": [e["removed"] for e in report["layers"]],
                                "weights_removed": report["weights"]["removed"],
                                "converted": v["stored"]["converted"], "original": v["stored"]["original"],
-                               "degraded": v["degraded"]}
+                               "degraded": v["degraded"], "plan": report.get("plan")}
     return out
 
 

@@ -5,6 +5,7 @@ Fusion is exact on paper but multiplies rounding error by up to cond(Q) (DESIGN
 comes with the same figure for the *unconverted* model stored in that dtype.
 """
 
+from dataclasses import dataclass
 from typing import Dict
 
 import mlx.core as mx
@@ -38,19 +39,41 @@ def compare(test: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How much worse than storing the original in the same dtype a converted
+    model may be: KL at most `kl_ratio` times rounding's (plus a floor for
+    float32, where rounding's is ~0), and top-1 agreement lower by at most
+    `top1_points`, or by `sigmas` standard errors of the difference of two
+    agreement rates on the probe if that is more: near-ties in the logits flip
+    under any rounding, and a coarse dtype (4-bit) flips many."""
+
+    kl_ratio: float = 1.5
+    top1_points: float = 1.0
+    sigmas: float = 2.0
+
+    def admits(self, converted: Dict[str, float], rounding: Dict[str, float], tokens: int = PROBE_TOKENS) -> bool:
+        if not np.isfinite(converted["kl"]):
+            return False
+        p = rounding["top1_agreement"]
+        noise = self.sigmas * np.sqrt(2 * p * (1 - p) / tokens)
+        lost = p - converted["top1_agreement"]
+        return bool(converted["kl"] <= self.kl_ratio * rounding["kl"] + KL_FLOOR
+                    and lost <= max(self.top1_points / 100, float(noise)))
+
+
+def worst(*metrics: Dict[str, float]) -> Dict[str, float]:
+    return {"max_rel_error": max(m["max_rel_error"] for m in metrics),
+            "top1_agreement": min(m["top1_agreement"] for m in metrics),
+            "kl": max(m["kl"] for m in metrics)}
+
+
+# What the converter refuses to write without --allow-degraded, whatever was asked for.
+CLEARLY_WORSE = Budget(kl_ratio=2.0, top1_points=1.0, sigmas=3.0)
+
+
 def is_degraded(converted: Dict[str, float], rounding: Dict[str, float]) -> bool:
-    """Clearly worse than storing the original in the same dtype: KL more than
-    twice rounding's (plus a floor for float32, where rounding's is ~0), or top-1
-    agreement lower by more than a point and more than three standard errors of
-    the difference of two agreement rates on the probe: near-ties in the logits
-    flip under any rounding, and a coarse dtype (4-bit) flips many."""
-    if not np.isfinite(converted["kl"]):
-        return True
-    worse_kl = converted["kl"] > 2 * rounding["kl"] + KL_FLOOR
-    p = rounding["top1_agreement"]
-    noise = 3 * np.sqrt(2 * p * (1 - p) / PROBE_TOKENS)
-    lost = p - converted["top1_agreement"]
-    return bool(worse_kl or lost > max(0.01, float(noise)))
+    return not CLEARLY_WORSE.admits(converted, rounding)
 
 
 class Streams:

@@ -101,6 +101,15 @@ def show(name: str) -> str:
     return "\n".join(lines)
 
 
+def converted(report: dict) -> str:
+    """A converted model's card without its front matter: weights removed,
+    verification and the conversion plan."""
+    from .convert import model_card
+
+    card = model_card(report)
+    return card.split("---\n", 2)[-1].split("## Use")[0].strip()
+
+
 def table_rows():
     rows = []
     for name, entry in models().items():
@@ -215,7 +224,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list").add_argument("--json", action="store_true")
     s = sub.add_parser("show")
-    s.add_argument("name")
+    s.add_argument("name", help="a zoo model, or the directory of a converted model")
     s.add_argument("--json", action="store_true")
     t = sub.add_parser("table")
     t.add_argument("--json", action="store_true")
@@ -239,6 +248,11 @@ def main(argv=None):
             else:
                 print("models:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["models"].items()))
                 print("recipes:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["recipes"].items()))
+        elif o.command == "show" and (Path(o.name) / "config.json").exists():
+            report = json.loads((Path(o.name) / "config.json").read_text()).get("conversion")
+            if report is None:
+                raise KeyError(f"{o.name} is not a model converted by mlx-skipless (no 'conversion' in its config.json)")
+            print(json.dumps(report, indent=2) if o.json else converted(report))
         elif o.command == "show":
             entry = lookup(models(), o.name, "model")
             print(json.dumps(summary(o.name, entry), indent=2) if o.json else show(o.name))
