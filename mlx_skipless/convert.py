@@ -44,7 +44,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
             q_group_size: int = 64, assume_skipless: bool = False, verify_output: bool = True,
             allow_degraded: bool = False, force: bool = False, upload_repo: Optional[str] = None,
             revision: Optional[str] = None, budget: Optional[verify.Budget] = None,
-            progress: bool = True, log=print) -> dict:
+            probe_batch: int = verify.PROBE_BATCH, progress: bool = True, log=print) -> dict:
     """Convert and return the conversion report (also stored in the output's config.json).
 
     --remove auto plans per layer (planner.py): with verification on it measures
@@ -68,7 +68,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         f"{'parallel' if args.parallel_block else 'serial'} blocks -> {stored_as}")
 
     merge_p = "p" if fusion.merges_p(args) else ""
-    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, verify_output, progress)
+    tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
+    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, tokens, progress)
     planning, notes = None, {}
     if remove != "auto":
         forms = [remove + merge_p] * args.num_hidden_layers
@@ -179,9 +180,8 @@ class _Passes:
     compared, one block at a time, so memory holds two blocks plus the
     embeddings. The original's logits come from the first pass only."""
 
-    def __init__(self, ckpt, target, quant, verifying, progress):
-        self.ckpt, self.target, self.quant, self.progress = ckpt, target, quant, progress
-        self.tokens = verify.probe_tokens(ckpt.args.vocab_size) if verifying else None
+    def __init__(self, ckpt, target, quant, tokens, progress):
+        self.ckpt, self.target, self.quant, self.tokens, self.progress = ckpt, target, quant, tokens, progress
         self.reference = {}
 
     def write(self, staging, forms) -> _Pass:
@@ -191,7 +191,8 @@ class _Passes:
             ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
         new_args, inverted, logits = self._run(forms, names, writer)
         self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
-        verification = _verification(logits, self.reference, self.target, self.quant) if names else None
+        verification = _verification(logits, self.reference, self.target, self.quant,
+                                     self.tokens.shape) if names else None
         return _Pass(new_args, inverted, verification, writer)
 
     def evaluate(self, forms) -> dict:
@@ -275,7 +276,7 @@ def _progress(iterable, total, enabled, desc):
     return tqdm(iterable, total=total, desc=desc, unit="layer")
 
 
-def _verification(logits, reference, target, quant):
+def _verification(logits, reference, target, quant, probe_shape):
     ref = reference["original"]
     stored_as = str(target).removeprefix("mlx.core.") + (
         f", {quant['bits']}-bit (group {quant['group_size']})" if quant else "")
@@ -284,7 +285,7 @@ def _verification(logits, reference, target, quant):
     rounding = verify.compare(reference["original_stored"], ref)
     return {
         "reference": "the original model in float32",
-        "probe": f"{verify.PROBE_BATCH} x {verify.PROBE_LENGTH} random token ids, seed 0",
+        "probe": f"{probe_shape[0]} x {probe_shape[1]} random token ids, seed 0",
         "float32": converted,
         "stored_as": stored_as,
         "stored": {"converted": stored, "original": rounding},
@@ -457,6 +458,9 @@ def build_parser():
     p.add_argument("--budget-top1", type=float, default=verify.Budget.top1_points,
                    help="auto's fidelity budget: top-1 agreement at most this many points below "
                    "the original's own rounding (default %(default)s)")
+    p.add_argument("--probe-batch", type=int, default=verify.PROBE_BATCH,
+                   help=f"verify on this many sequences of {verify.PROBE_LENGTH} random tokens "
+                   "(default %(default)s); more makes the plan's measurements less noisy")
     p.add_argument("--allow-degraded", action="store_true",
                    help="write the model even if verification finds it clearly worse")
     p.add_argument("--force", action="store_true", help="overwrite --mlx-path")

@@ -6,7 +6,7 @@ paper's (in, out). Both sides are numpy here; the caller picks the dtype.
 """
 
 import re
-from typing import Dict, Iterable, Tuple
+from typing import Dict
 
 import numpy as np
 
@@ -89,10 +89,3 @@ def weights_to_flat(w: Weights, args: ModelArgs) -> Dict[str, np.ndarray]:
         flat["lm_head.weight"] = w.head.T
     flat.update(w.other)
     return flat
-
-
-def items_as_numpy(params: Iterable[Tuple[str, "object"]]) -> Dict[str, np.ndarray]:
-    """MLX arrays (any float dtype) -> float64 numpy, for fusion."""
-    import mlx.core as mx
-
-    return {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in params}

@@ -16,20 +16,28 @@ from .models.skipless import ModelArgs
 def random_flat(args: ModelArgs, seed: int = 0, noise: float = 0.3) -> Dict[str, np.ndarray]:
     """{name: float64 array}, in the (out, in) layout of MLX and Hugging Face."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in shapes(args).items():
-        leaf = name.rsplit(".", 2)[-2]
-        if name.endswith(".bias"):
-            w = 0.1 * rng.standard_normal(shape)
-        elif "norm" in leaf:
-            w = 1 + 0.1 * rng.standard_normal(shape)
-        elif leaf in ("embed_tokens", "embed_positions"):
-            w = rng.standard_normal(shape) * (1.0 if leaf == "embed_tokens" else 0.5)
-        else:
-            fan_in = shape[-1]
-            gain = {"down_proj": 2**0.5, "fc2": 2**0.5, "gate": 2.0}.get(leaf, 1.0)
-            w = gain * rng.standard_normal(shape) / np.sqrt(fan_in)
-            if len(shape) == 2 and shape[0] == shape[1] and leaf.endswith("_proj"):
-                w = np.eye(shape[0]) + noise * w
-        out[name] = w
-    return out
+    return {name: random_tensor(name, shape, rng, noise) for name, shape in shapes(args).items()}
+
+
+def random_block(args: ModelArgs, rng: np.random.Generator, noise: float = 0.3, dtype=np.float64):
+    """One block's weights, named relative to the block: for benchmarks that
+    write or build a large model a block at a time."""
+    block = {k.split(".", 3)[3]: s for k, s in shapes(args).items() if k.startswith("model.layers.0.")}
+    return {name: random_tensor(name, shape, rng, noise, dtype) for name, shape in block.items()}
+
+
+def random_tensor(name: str, shape, rng: np.random.Generator, noise: float = 0.3, dtype=np.float64) -> np.ndarray:
+    leaf = name.rsplit(".", 2)[-2]
+    normal = lambda: rng.standard_normal(shape, dtype=dtype)  # noqa: E731
+    if name.endswith(".bias"):
+        return 0.1 * normal()
+    if "norm" in leaf:
+        return 1 + 0.1 * normal()
+    if leaf in ("embed_tokens", "embed_positions"):
+        return normal() * (1.0 if leaf == "embed_tokens" else 0.5)
+    fan_in = shape[-1]
+    gain = {"down_proj": 2**0.5, "fc2": 2**0.5, "gate": 2.0}.get(leaf, 1.0)
+    w = gain * normal() / np.sqrt(fan_in)
+    if len(shape) == 2 and shape[0] == shape[1] and leaf.endswith("_proj"):
+        w = np.eye(shape[0], dtype=dtype) + noise * w
+    return w.astype(dtype, copy=False)

@@ -14,7 +14,7 @@ import numpy as np
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-EXACT = {"max_rel_error": 0.0, "top1_agreement": 1.0, "kl": 0.0}
+EXACT = {"max_rel_error": 0.0, "top1_agreement": 1.0, "kl": 0.0, "tokens": 1 << 30}
 PROBE_BATCH, PROBE_LENGTH = 4, 32
 PROBE_TOKENS = PROBE_BATCH * PROBE_LENGTH
 KL_FLOOR = 1e-5  # nats per token
@@ -36,6 +36,7 @@ def compare(test: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
         "max_rel_error": float(np.abs(test - ref).max() / np.abs(ref).max()),
         "top1_agreement": float((test.argmax(-1) == ref.argmax(-1)).mean()),
         "kl": float((np.exp(lp) * (lp - lq)).sum(-1).mean()),
+        "tokens": int(np.prod(ref.shape[:-1])),
     }
 
 
@@ -52,11 +53,11 @@ class Budget:
     top1_points: float = 1.0
     sigmas: float = 2.0
 
-    def admits(self, converted: Dict[str, float], rounding: Dict[str, float], tokens: int = PROBE_TOKENS) -> bool:
+    def admits(self, converted: Dict[str, float], rounding: Dict[str, float]) -> bool:
         if not np.isfinite(converted["kl"]):
             return False
         p = rounding["top1_agreement"]
-        noise = self.sigmas * np.sqrt(2 * p * (1 - p) / tokens)
+        noise = self.sigmas * np.sqrt(2 * p * (1 - p) / rounding.get("tokens", PROBE_TOKENS))
         lost = p - converted["top1_agreement"]
         return bool(converted["kl"] <= self.kl_ratio * rounding["kl"] + KL_FLOOR
                     and lost <= max(self.top1_points / 100, float(noise)))
@@ -65,7 +66,7 @@ class Budget:
 def worst(*metrics: Dict[str, float]) -> Dict[str, float]:
     return {"max_rel_error": max(m["max_rel_error"] for m in metrics),
             "top1_agreement": min(m["top1_agreement"] for m in metrics),
-            "kl": max(m["kl"] for m in metrics)}
+            "kl": max(m["kl"] for m in metrics), "tokens": min(m.get("tokens", PROBE_TOKENS) for m in metrics)}
 
 
 # What the converter refuses to write without --allow-degraded, whatever was asked for.

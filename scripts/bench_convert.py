@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_skipless import counting
+from mlx_skipless import counting, synthetic
 from mlx_skipless.models.skipless import ModelArgs
 
 # A TinyLlama-like block: d 2048, GQA 32/4, SwiGLU 5632, vocab 32000.
@@ -41,24 +41,16 @@ def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0):
                             metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
 
-    def rand(*shape, eye=False):
-        w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
-        return np.eye(shape[0], dtype=np.float32) + 0.3 * w if eye else w
-
-    d, f, kv = args.hidden_size, args.intermediate_size, args.num_key_value_heads * args.head_dim
+    d = args.hidden_size
     save("embed.safetensors", {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
                                "model.norm.weight": np.ones(d, np.float32),
-                               "lm_head.weight": rand(args.vocab_size, d)})
+                               "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5})
     for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}."
-        save(f"layer-{i:03d}.safetensors", {
-            p + "self_attn.q_proj.weight": rand(d, d, eye=True), p + "self_attn.k_proj.weight": rand(kv, d),
-            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d, eye=True),
-            p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
-            p + "mlp.down_proj.weight": rand(d, f) * np.sqrt(2)})
+        block = synthetic.random_block(args, rng, dtype=np.float32)
+        save(f"layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": v for k, v in block.items()})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], skipless=True,
-                  hidden_size=d, intermediate_size=f, num_hidden_layers=args.num_hidden_layers,
+                  hidden_size=d, intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
                   num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
                   vocab_size=args.vocab_size, hidden_act="silu", rms_norm_eps=1e-5, torch_dtype="bfloat16",
                   max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)

@@ -9,7 +9,8 @@ vanilla over reduced.
 
     python scripts/bench_decode.py                           # preset "small", float32 and bfloat16
     python scripts/bench_decode.py --preset mistral-7b --dtypes bfloat16 4bit --json
-    python scripts/bench_decode.py --markdown docs/bench-decode.md
+    python scripts/bench_decode.py --dtypes float32 bfloat16 4bit --save docs/bench-decode.json \
+        --markdown docs/bench-decode.md --plot docs/bench-decode.png
 """
 
 import argparse
@@ -25,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_skipless import fusion, layout
+from mlx_skipless import fusion, layout, synthetic
 from mlx_skipless.models.skipless import Model, ModelArgs
 
 PRESETS = {
@@ -42,26 +43,10 @@ PRESETS = {
 }
 
 
-def random_layer(args: ModelArgs, rng) -> dict:
-    """One block's weights in float32, square projections near the identity (well-conditioned)."""
-    from mlx_skipless.counting import shapes
-
-    block = {k.split(".", 3)[3]: s for k, s in shapes(args).items() if k.startswith("model.layers.0.")}
-    out = {}
-    for name, shape in block.items():
-        w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
-        if name.endswith(".bias"):
-            w = 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif len(shape) == 2 and shape[0] == shape[1]:
-            w = np.eye(shape[0], dtype=np.float32) + 0.3 * w
-        out[name] = w
-    return out
-
-
 def build(args: ModelArgs, seed=0):
     """(vanilla, reduced) skipless models and mlx-lm llama weights, float32 numpy."""
     rng = np.random.default_rng(seed)
-    layers = [random_layer(args, rng) for _ in range(args.num_hidden_layers)]
+    layers = [synthetic.random_block(args, rng, dtype=np.float32) for _ in range(args.num_hidden_layers)]
     flat = {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32),
             "lm_head.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32)
             / np.sqrt(args.hidden_size)}
@@ -182,6 +167,32 @@ def markdown(results, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results, machine: str, path: str):
+    """Decode tokens/s per dtype, median with min-max bars, predicted and measured speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("vanilla", "reduced", "mlx_lm_llama") if n in results[0]["decode_tokens_per_s"]]
+    labels = {"vanilla": "vanilla skipless", "reduced": "reduced (no Q, no P)", "mlx_lm_llama": "mlx-lm llama"}
+    fig, axes = plt.subplots(1, len(results), figsize=(1.5 + 2.6 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        d = [r["decode_tokens_per_s"][n] for n in names]
+        med = np.array([x["median"] for x in d])
+        err = np.array([[m - x["min"] for m, x in zip(med, d)], [x["max"] - m for m, x in zip(med, d)]])
+        bars = ax.bar(range(len(names)), med, yerr=err, capsize=3, color=["C0", "C1", "C2"][: len(names)])
+        ax.set_xticks([])
+        ax.set_ylim(0, 1.25 * max(x["max"] for x in d))
+        ax.set_title(f"{r['preset']}, {r['dtype']}\npredicted {r['predicted_speedup']:.3f}x, "
+                     f"measured {r['measured_speedup']:.3f}x", fontsize=9)
+    axes[0][0].set_ylabel("batch-1 decode tokens/s\n(median, min-max)")
+    fig.legend(bars, [labels[n] for n in names], loc="lower center", ncol=len(names), fontsize=8)
+    fig.suptitle(machine, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="small")
@@ -191,24 +202,36 @@ def main():
     p.add_argument("--steps", type=int, default=160, help="interleaved decode steps measured")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", help="also write the results as JSON to this file")
+    p.add_argument("--load", help="render --markdown / --plot from a file --save wrote, measuring nothing")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--plot", help="also draw the figure to this image file (needs matplotlib: pip install -e '.[plot]')")
     o = p.parse_args()
-    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
-    results = []
-    for dtype in o.dtypes:
-        results.append(run(o.preset, dtype, o.prompt, o.steps, o.warmup))
-        if not o.json:
-            r = results[-1]
-            print(f"{o.preset} {dtype}: predicted {r['predicted_speedup']:.3f}x, measured "
-                  f"{r['measured_speedup']:.3f}x; " + ", ".join(
-                      f"{n} {v['median']:.2f} tok/s" for n, v in r["decode_tokens_per_s"].items()), flush=True)
+    if o.load:
+        saved = json.loads(open(o.load).read())
+        machine, results = saved["machine"], saved["results"]
+    else:
+        machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
+        results = []
+        for dtype in o.dtypes:
+            results.append(run(o.preset, dtype, o.prompt, o.steps, o.warmup))
+            if not o.json:
+                r = results[-1]
+                print(f"{o.preset} {dtype}: predicted {r['predicted_speedup']:.3f}x, measured "
+                      f"{r['measured_speedup']:.3f}x; " + ", ".join(
+                          f"{n} {v['median']:.2f} tok/s" for n, v in r["decode_tokens_per_s"].items()), flush=True)
     if o.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
     else:
         print(markdown(results, machine))
+    if o.save:
+        with open(o.save, "w") as f:
+            json.dump({"machine": machine, "results": results}, f, indent=2)
     if o.markdown:
         with open(o.markdown, "w") as f:
             f.write(markdown(results, machine))
+    if o.plot:
+        plot(results, machine, o.plot)
 
 
 if __name__ == "__main__":

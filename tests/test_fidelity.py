@@ -1,10 +1,14 @@
-"""The fidelity report (issue 7, measuring part): plans and errors per storage dtype."""
+"""The fidelity report (issue 7): plans and errors per storage dtype."""
 
 import json
 
+import hf_checkpoints as hf
 import mlx.core as mx
+import pytest
 
 from mlx_skipless import fidelity
+from mlx_skipless.checkpoint import CheckpointError
+from mlx_skipless.convert import convert
 from test_convert import ill_conditioned
 
 
@@ -19,3 +23,14 @@ def test_report_per_dtype_next_to_plain_rounding(tmp_path, capsys):
     assert r["dtypes"]["bfloat16"]["removed"] == ["qp", "p", "qp"]
     assert r["dtypes"]["8bit"]["removed"] == ["qp", "p", "qp"]
     assert not any(d["degraded"] for d in r["dtypes"].values())
+
+
+def test_a_dtype_the_original_overflows_is_reported_not_planned(tmp_path, capsys):
+    args, flat = hf.case("llama", seed=4, num_hidden_layers=4)  # activations past float16's range
+    src = hf.write(tmp_path / "src", "llama", args, flat)
+    with pytest.raises(CheckpointError, match="original model itself is not finite"):
+        convert(str(src), str(tmp_path / "out"), dtype="float16", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    assert fidelity.main([str(src), "--dtypes", "float16", "bfloat16"]) == 0
+    table = capsys.readouterr().out
+    assert "| float16 | the original model itself is not finite" in table and "| bfloat16 | qp qp qp qp |" in table

