@@ -144,8 +144,10 @@ def _measured_plan(passes, staging, rungs, doubtful, first, budget, stored_as, l
         return (budget if k < doubtful else verify.CLEARLY_WORSE).admits(figures[k], verify.worst(*noise.values()))
 
     if not admits(0) and p_merged is not None:
-        log(f"[PLAN] over the fidelity budget in {stored_as}; measuring a second rounding of the original")
-        noise["p_merged"] = figures[p_merged] = passes.evaluate(rungs[p_merged])
+        if p_merged not in figures:  # rung 0 is the P-merged one when no layer can lose Q/K/V
+            log(f"[PLAN] over the fidelity budget in {stored_as}; measuring a second rounding of the original")
+            figures[p_merged] = passes.evaluate(rungs[p_merged])
+        noise["p_merged"] = figures[p_merged]
     chosen = 0
     if not admits(0):
         log(f"[PLAN] removing every removable Q/K/V is over the fidelity budget in {stored_as}; "

@@ -111,6 +111,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--probe-batch", type=int, default=16)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "8bit", "4bit"])
+    p.add_argument("--quantized-probe-batch", type=int, default=4,
+                   help="probe batch for 8bit/4bit: mlx-cpu's quantized matmul is slow (default 4)")
     p.add_argument("--markdown", help="also write the results to this file")
     o = p.parse_args(argv)
     gguf = Path(o.gguf) if o.gguf else fetch_gguf()
@@ -118,7 +120,8 @@ def main(argv=None):
     lines = ["# Fidelity of `--remove auto` on real matrices", "",
              f"Written by `{command.strip()}` on {platform.system()} {platform.machine()} "
              f"({time.strftime('%Y-%m-%d')}), mlx-cpu. Reference: each original model in float32; "
-             f"probe: {o.probe_batch} x 32 random token ids.", ""]
+             f"probe: {o.probe_batch} x 32 random token ids ({o.quantized_probe_batch} x 32 for the "
+             "quantized rows). Errors are the stored models' against the reference.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         src = str(Path(tmp) / "whatif")
         if whatif.main([str(gguf), src, "--layers", str(o.layers)]):
@@ -126,7 +129,12 @@ def main(argv=None):
         for title, source in [(f"SmolLM2-135M what-if, first {o.layers} blocks ({gguf.name})", src),
                               ("Our own trained model: the packaged demo (skipless-python)", str(DEFAULT_SOURCE))]:
             start = time.time()
-            result = fidelity.measure(source, o.dtypes, probe_batch=o.probe_batch)
+            plain = [d for d in o.dtypes if not d.endswith("bit")]
+            result = fidelity.measure(source, plain, probe_batch=o.probe_batch)
+            quantized = [d for d in o.dtypes if d.endswith("bit")]
+            if quantized:
+                result["dtypes"].update(fidelity.measure(source, quantized,
+                                                         probe_batch=o.quantized_probe_batch)["dtypes"])
             result["source"] = title
             lines += section(title, result, freedoms(source), time.time() - start)
             print("\n".join(lines[-40:]), flush=True)
