@@ -69,7 +69,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
 
     merge_p = "p" if fusion.merges_p(args) else ""
     tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
-    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, tokens, progress)
+    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress)
     planning, notes = None, {}
     if remove != "auto":
         forms = [remove + merge_p] * args.num_hidden_layers
@@ -182,8 +182,9 @@ class _Passes:
     compared, one block at a time, so memory holds two blocks plus the
     embeddings. The original's logits come from the first pass only."""
 
-    def __init__(self, ckpt, target, quant, tokens, progress):
-        self.ckpt, self.target, self.quant, self.tokens, self.progress = ckpt, target, quant, tokens, progress
+    def __init__(self, ckpt, target, quant, stored_as, tokens, progress):
+        self.ckpt, self.target, self.quant, self.stored_as = ckpt, target, quant, stored_as
+        self.tokens, self.progress = tokens, progress
         self.reference = {}
 
     def write(self, staging, forms) -> _Pass:
@@ -193,8 +194,7 @@ class _Passes:
             ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
         new_args, inverted, logits = self._run(forms, names, writer)
         self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
-        verification = _verification(logits, self.reference, self.target, self.quant,
-                                     self.tokens.shape) if names else None
+        verification = _verification(logits, self.reference, self.stored_as, self.tokens.shape) if names else None
         return _Pass(new_args, inverted, verification, writer)
 
     def evaluate(self, forms) -> dict:
@@ -278,10 +278,8 @@ def _progress(iterable, total, enabled, desc):
     return tqdm(iterable, total=total, desc=desc, unit="layer")
 
 
-def _verification(logits, reference, target, quant, probe_shape):
+def _verification(logits, reference, stored_as, probe_shape):
     ref = reference["original"]
-    stored_as = str(target).removeprefix("mlx.core.") + (
-        f", {quant['bits']}-bit (group {quant['group_size']})" if quant else "")
     converted = verify.compare(logits["converted"], ref)
     stored = verify.compare(logits["converted_stored"], ref)
     rounding = verify.compare(reference["original_stored"], ref)
@@ -356,10 +354,22 @@ def verification_rows(v):
 
 
 def model_card(report) -> str:
+    lines = ["---", "library_name: mlx", "pipeline_tag: text-generation", "tags: [mlx, skipless]", "---", ""]
+    lines += card_body(report)
+    lines += [
+        "## Use", "", "```bash", "pip install mlx-skipless",
+        "mlx-skipless generate --model PATH --prompt 'def fib(n):'",
+        "# or with stock mlx-lm:", "mlx_lm generate --model PATH --trust-remote-code --prompt 'def fib(n):'",
+        "```", "",
+        "The full report, the plans tried included: `conversion` in config.json.", "",
+    ]
+    return "\n".join(lines)
+
+
+def card_body(report) -> list:
+    """Markdown lines: weights removed, verification, and the conversion plan."""
     w, s = report["weights"], report["predicted_speedup"]
     lines = [
-        "---", "library_name: mlx", "pipeline_tag: text-generation",
-        "tags: [mlx, skipless]", "---", "",
         "# Skipless model, reduced with mlx-skipless", "",
         f"Converted from `{report['source']}` ({report['family']}) by mlx-skipless "
         f"{report['mlx_skipless_version']}, stored as {report['dtype']}"
@@ -378,15 +388,7 @@ def model_card(report) -> str:
         lines += [f"| {n} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% | {m['kl']:.2e} |"
                   for n, m in verification_rows(v)]
         lines.append("")
-    lines += plan_section(report)
-    lines += [
-        "## Use", "", "```bash", "pip install mlx-skipless",
-        "mlx-skipless generate --model PATH --prompt 'def fib(n):'",
-        "# or with stock mlx-lm:", "mlx_lm generate --model PATH --trust-remote-code --prompt 'def fib(n):'",
-        "```", "",
-        "The full report, the plans tried included: `conversion` in config.json.", "",
-    ]
-    return "\n".join(lines)
+    return lines + plan_section(report)
 
 
 def plan_section(report) -> list:

@@ -27,6 +27,9 @@ from .models.skipless import Block, ModelArgs
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
+# the RMSNorm whose gain each matrix reads (P and the FFN output read no norm)
+NORM_READ_BY = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
+                "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm"}
 GGUF_GROUP = 32  # every ggml block format (Q4_0, Q4_1, Q8_0) quantizes groups of 32
 PROBE_SEED = 1  # not the converter's probe (seed 0): calibration and verification stay apart
 
@@ -79,10 +82,8 @@ def from_llama_gguf(path: str, layers: int) -> Tuple[ModelArgs, Dict[str, np.nda
             w = tensors[f"blk.{i}.{short}.weight"]
             if short in ("attn_q", "attn_k"):
                 w = _unpermute(w, heads if short == "attn_q" else kv)
-            if short in ("attn_q", "attn_k", "attn_v"):
-                w = w * tensors[f"blk.{i}.attn_norm.weight"]
-            elif short in ("ffn_gate", "ffn_up"):
-                w = w * tensors[f"blk.{i}.ffn_norm.weight"]
+            if short in NORM_READ_BY:
+                w = w * tensors[f"blk.{i}.{NORM_READ_BY[short]}.weight"]
             flat[f"model.layers.{i}.{name}.weight"] = w
     return args, flat
 

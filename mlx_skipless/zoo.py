@@ -102,12 +102,11 @@ def show(name: str) -> str:
 
 
 def converted(report: dict) -> str:
-    """A converted model's card without its front matter: weights removed,
-    verification and the conversion plan."""
-    from .convert import model_card
+    """A converted model's card without front matter and usage: weights
+    removed, verification and the conversion plan."""
+    from .convert import card_body
 
-    card = model_card(report)
-    return card.split("---\n", 2)[-1].split("## Use")[0].strip()
+    return "\n".join(card_body(report)).strip()
 
 
 def table_rows():
