@@ -9,8 +9,8 @@ vanilla over reduced.
 
     python scripts/bench_decode.py                           # preset "small", float32 and bfloat16
     python scripts/bench_decode.py --preset mistral-7b --dtypes bfloat16 4bit --json
-    python scripts/bench_decode.py --dtypes float32 bfloat16 4bit --save docs/bench-decode.json \
-        --markdown docs/bench-decode.md --plot docs/bench-decode.png
+    python scripts/bench_decode.py --save f.json && python scripts/bench_decode.py --dtypes 4bit --save q.json
+    python scripts/bench_decode.py --load f.json q.json --markdown docs/bench-decode.md --plot docs/bench-decode.png
 """
 
 import argparse
@@ -124,17 +124,23 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
     makers = {"vanilla": (lambda: Model(args), flat), "reduced": (lambda: Model(reduced_args), reduced_flat)}
     if not args.parallel_block and args.mlp_type == "glu":  # mlx-lm's llama has that shape
         makers["mlx_lm_llama"] = (lambda: mlx_lm_llama(args), flat)
-    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "peak_memory_bytes": {}}
+    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "weight_bytes": {},
+              "peak_memory_bytes": {}}
     models = {}
     for n, (make, weights) in makers.items():
-        # Each model's own peak: MLX memory it adds (weights, cache, activations) while it runs.
+        # Each model's own peak while it generates: the MLX memory it adds (weights, cache,
+        # activations). The peak is reset after loading, so casting and quantizing, which hold
+        # two copies of the weights for a moment, do not count: a converted model is stored
+        # in its dtype and loads without them.
         mx.synchronize()
         mx.clear_cache()
         base = mx.get_active_memory()
-        mx.reset_peak_memory()
         models[n] = load(make(), weights, dtype)
+        mx.clear_cache()
+        mx.reset_peak_memory()
         result["peak_memory_bytes"][n] = peak_memory(models[n], prompt) - base
         result["bytes_read_per_token"][n] = bytes_read_per_token(models[n])
+        result["weight_bytes"][n] = sum(v.nbytes for _, v in tree_flatten(models[n].parameters()))
     del makers, flat, reduced_flat
     timing = measure(models, prompt, steps, warmup)
     result["prefill_tokens_per_s"] = timing["prefill_tokens_per_s"]
@@ -152,18 +158,21 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
 
 
 def markdown(results, machine: str) -> str:
-    lines = [f"Measured on {machine} with `python scripts/bench_decode.py` "
-             f"({results[0]['steps']} interleaved decode steps after {results[0]['warmup']} warm-up).", "",
-             "| preset | dtype | vanilla tok/s | reduced tok/s | mlx-lm llama tok/s | predicted | measured | "
-             "vanilla / mlx-lm time | peak memory vanilla -> reduced |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Measured on {machine} with `python scripts/bench_decode.py`; decode tok/s are medians of the "
+             "interleaved steps, speedups medians of per-step time ratios.", "",
+             "| preset | dtype | steps (warm-up), prompt | vanilla tok/s | reduced tok/s | mlx-lm llama tok/s | "
+             "predicted | measured | vanilla / mlx-lm time | prompt tok/s v / r / llama | "
+             "peak memory vanilla -> reduced | peak drop / weights removed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        d = r["decode_tokens_per_s"]
+        d, pre, pm, wb = r["decode_tokens_per_s"], r["prefill_tokens_per_s"], r["peak_memory_bytes"], r["weight_bytes"]
         llama_ = f"{d['mlx_lm_llama']['median']:.2f}" if "mlx_lm_llama" in d else "n/a"
         ratio = f"{r['vanilla_over_mlx_lm_time']:.3f}" if "vanilla_over_mlx_lm_time" in r else "n/a"
-        pm = r["peak_memory_bytes"]
-        lines.append(f"| {r['preset']} | {r['dtype']} | {d['vanilla']['median']:.2f} | {d['reduced']['median']:.2f} | "
-                     f"{llama_} | {r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | {ratio} | "
-                     f"{pm['vanilla'] / 1e9:.2f} -> {pm['reduced'] / 1e9:.2f} GB |")
+        lines.append(f"| {r['preset']} | {r['dtype']} | {r['steps']} ({r['warmup']}), {r['prompt']} | "
+                     f"{d['vanilla']['median']:.2f} | {d['reduced']['median']:.2f} | {llama_} | "
+                     f"{r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | {ratio} | "
+                     f"{' / '.join(f'{v:.1f}' for v in pre.values())} | "
+                     f"{pm['vanilla'] / 1e9:.2f} -> {pm['reduced'] / 1e9:.2f} GB | "
+                     f"{(pm['vanilla'] - pm['reduced']) / 1e6:.0f} / {(wb['vanilla'] - wb['reduced']) / 1e6:.0f} MB |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,13 +212,17 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", help="also write the results as JSON to this file")
-    p.add_argument("--load", help="render --markdown / --plot from a file --save wrote, measuring nothing")
+    p.add_argument("--load", nargs="+", help="render --markdown / --plot from files --save wrote, measuring "
+                   "nothing; several files are shown side by side (e.g. a slow dtype run with fewer --steps)")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--plot", help="also draw the figure to this image file (needs matplotlib: pip install -e '.[plot]')")
     o = p.parse_args()
     if o.load:
-        saved = json.loads(open(o.load).read())
-        machine, results = saved["machine"], saved["results"]
+        saved = [json.loads(open(f).read()) for f in o.load]
+        machines = {x["machine"] for x in saved}
+        if len(machines) > 1:
+            p.error(f"--load: runs from different machines cannot share a table: {sorted(machines)}")
+        machine, results = machines.pop(), [r for x in saved for r in x["results"]]
     else:
         machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
         results = []
