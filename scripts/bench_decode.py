@@ -79,12 +79,15 @@ def mlx_lm_llama(args: ModelArgs):
         tie_word_embeddings=False))
 
 
+def weight_bytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
 def bytes_read_per_token(model) -> int:
     """Every weight once per token, except the embedding table, of which one row is read."""
-    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     embed = model.model.embed_tokens
-    table = sum(v.nbytes for _, v in tree_flatten(embed.parameters()))
-    return total - table + table // embed.weight.shape[0]
+    table = weight_bytes(embed)
+    return weight_bytes(model) - table + table // embed.weight.shape[0]
 
 
 def measure(models: dict, prompt: int, steps: int, warmup: int) -> dict:
@@ -140,7 +143,7 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
         mx.reset_peak_memory()
         result["peak_memory_bytes"][n] = peak_memory(models[n], prompt) - base
         result["bytes_read_per_token"][n] = bytes_read_per_token(models[n])
-        result["weight_bytes"][n] = sum(v.nbytes for _, v in tree_flatten(models[n].parameters()))
+        result["weight_bytes"][n] = weight_bytes(models[n])
     del makers, flat, reduced_flat
     timing = measure(models, prompt, steps, warmup)
     result["prefill_tokens_per_s"] = timing["prefill_tokens_per_s"]
