@@ -31,6 +31,7 @@ from mlx_lm.models.base import (
     create_attention_mask,
     scaled_dot_product_attention,
 )
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear, SwitchMLP
 
@@ -200,7 +201,7 @@ class Attention(nn.Module):
         gathered = mx.distributed.all_gather(mx.moveaxis(out, -1, 0), group=self.group)
         return mx.moveaxis(gathered, 0, -1)
 
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, x, mask=None, cache=None, value_sum=None):
         B, L, _ = x.shape
         queries = self._project("q_proj", x).reshape(B, L, self.n_heads, -1)
         keys = self._project("k_proj", x).reshape(B, L, self.n_kv_heads, -1)
@@ -211,31 +212,55 @@ class Attention(nn.Module):
         if self.rope is not None:
             queries = self.rope(queries, offset=offset)
             keys = self.rope(keys, offset=offset)
+        if "alpha" in self:
+            mean = causal_mean(values, value_sum)
+        cached_keys, cached_values = keys, values
         if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+            cached_keys, cached_values = cache.update_and_fetch(keys, values)
 
         out = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+            queries, cached_keys, cached_values, cache=cache, scale=self.scale, mask=mask
         )
         if "alpha" in self:
-            out = self._shape(out, values, L)
+            out = self._shape(out, values, mean)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self._output(out)
 
-    def _shape(self, out, values, L):
-        """β·softmax(·)V + α·V_t − γ·C·V, with C the causal mean. It needs every
-        value so far: a full KV cache, not a rotating or quantized one."""
-        if not isinstance(values, mx.array):
-            raise ValueError("shaped attention needs an unquantized KV cache")
-        S = values.shape[2]
-        steps = mx.arange(S - L + 1, S + 1, dtype=values.dtype)[:, None]
-        mean = mx.cumsum(values, axis=2)[:, :, S - L :] / steps
-        current = values[:, :, S - L :]
+    def _shape(self, out, values, mean):
+        """β·softmax(·)V + α·V_t − γ·C·V for this call's positions."""
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
-            mean, current = mx.repeat(mean, rep, axis=1), mx.repeat(current, rep, axis=1)
+            mean, values = mx.repeat(mean, rep, axis=1), mx.repeat(values, rep, axis=1)
         a, b, g = (p[:, None, None] for p in (self.alpha, self.beta, self.gamma))
-        return b * out + a * current - g * mean
+        return b * out + a * values - g * mean
+
+
+def causal_mean(values: mx.array, state: Optional[ArraysCache] = None) -> mx.array:
+    """C·V: at each position the mean of the values up to it, (B, heads, L, head_dim).
+
+    The KV cache is not read: `state` (from `Model.make_cache`) carries the sum and
+    count of the values so far, in float32, so the mean is over the whole past and
+    exact under every KV cache (a quantized or rotating one too), and positions that
+    mlx-lm marks as batch padding (`state.make_mask`) count for nothing."""
+    B, H, L, D = values.shape
+    v = values.astype(mx.float32)
+    real = state.make_mask(L) if state is not None else None  # (B, L): not padding
+    if real is None:
+        steps = mx.broadcast_to(mx.arange(1, L + 1), (B, L))
+    else:
+        v = v * real[:, None, :, None]
+        steps = mx.cumsum(real.astype(mx.int32), axis=1)
+    if state is None or state[0] is None:
+        sums = mx.cumsum(v, axis=2)
+    else:
+        # The running sum goes first so each position sums in time order, as one
+        # pass over the whole sequence would.
+        sums = mx.cumsum(mx.concatenate([state[0], v], axis=2), axis=2)[:, :, 1:]
+        steps = steps + state[1][:, None]
+    if state is not None:
+        state[0], state[1] = sums[:, :, -1:], steps[:, -1]
+        state.advance(L)
+    return (sums / mx.maximum(steps, 1)[:, None, :, None]).astype(values.dtype)
 
 
 class GLUActivation(nn.Module):
@@ -333,12 +358,12 @@ class Block(nn.Module):
     def _norm(self, name: str, x: mx.array) -> mx.array:
         return self[name](x) if name in self else x
 
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, x, mask=None, cache=None, value_sum=None):
         h = self._norm("input_layernorm", x)
         if self.parallel:
-            out = self.self_attn(h, mask, cache) + self.mlp(h)
+            out = self.self_attn(h, mask, cache, value_sum) + self.mlp(h)
             return x + out if self.residual else out
-        a = self.self_attn(h, mask, cache)
+        a = self.self_attn(h, mask, cache, value_sum)
         h = x + a if self.residual else a
         out = self.mlp(self._norm("post_attention_layernorm", h))
         return h + out if self.residual else out
@@ -351,23 +376,42 @@ class SkiplessModel(nn.Module):
         if args.position_embedding_type == "learned":
             self.embed_positions = nn.Embedding(args.max_position_embeddings, args.hidden_size)
         self.layers = [Block(args, form) for form in args.removed]
+        self.shaped = args.shaped_attention
         if args.final_norm:
             self.norm = NORMS[args.final_norm](args.hidden_size, eps=args.norm_eps)
 
-    def embed(self, inputs, offset: int = 0):
+    def embed(self, inputs, offset=0):
+        """Token (+ learned position) embeddings. `offset` is an int, or one per
+        sequence in a batch cache (negative over left padding)."""
         h = self.embed_tokens(inputs)
         if "embed_positions" in self:
-            h = h + self.embed_positions(mx.arange(offset, offset + inputs.shape[1]))
+            offset = offset[:, None] if isinstance(offset, mx.array) else offset
+            positions = offset + mx.arange(inputs.shape[1])
+            # Padding positions fall outside the table; their outputs are never used.
+            n = self.embed_positions.weight.shape[0]
+            h = h + self.embed_positions(mx.clip(positions, 0, n - 1))
         return h
 
     def __call__(self, inputs, cache=None):
-        if cache is None:
-            cache = [None] * len(self.layers)
-        h = self.embed(inputs, cache[0].offset if cache[0] is not None else 0)
-        mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        n = len(self.layers)
+        kv, sums = split_cache(cache, n, self.shaped)
+        h = self.embed(inputs, kv[0].offset if kv[0] is not None else 0)
+        mask = create_attention_mask(h, kv[0])
+        for layer, c, s in zip(self.layers, kv, sums):
+            h = layer(h, mask, c, s)
         return self.norm(h) if "norm" in self else h
+
+
+def split_cache(cache, n: int, shaped: bool):
+    """(KV caches, value-sum states) for n layers from `Model.make_cache`'s list."""
+    if cache is None:
+        return [None] * n, [None] * n
+    if not shaped:
+        return cache, [None] * n
+    if len(cache) != 2 * n or not all(isinstance(c, ArraysCache) for c in cache[n:]):
+        raise ValueError("shaped attention keeps a running sum of the values in its cache: "
+                         "make caches with model.make_cache(), not one KV cache per layer")
+    return cache[:n], cache[n:]
 
 
 class Model(nn.Module):
@@ -390,6 +434,26 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    @property
+    def make_cache(self):
+        """mlx-lm's caches, plus one state per shaped-attention layer for the running
+        sum of its values (see causal_mean). Models without shaped attention have no
+        make_cache, so mlx-lm builds its default caches (`--max-kv-size` included)."""
+        if not self.args.shaped_attention:
+            raise AttributeError("make_cache")
+        return self._make_shaped_cache
+
+    def _make_shaped_cache(self, max_kv_size: Optional[int] = None) -> list:
+        """KV caches (rotating ones holding max_kv_size tokens, as mlx-lm makes
+        them), then the value sums. mlx-lm's make_prompt_cache passes no size: a
+        stock `--max-kv-size` keeps the full cache; pass it here to bound it."""
+        n = len(self.layers)
+        if max_kv_size is None:
+            kv = [KVCache() for _ in range(n)]
+        else:
+            kv = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in range(n)]
+        return kv + [ArraysCache(size=2) for _ in range(n)]
 
     def shard(self, group: Optional[mx.distributed.Group] = None):
         """Tensor parallelism, as mlx-lm's sharded_load expects (mlx.launch)."""
