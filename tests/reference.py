@@ -38,7 +38,7 @@ def causal_mean(v):
     return np.cumsum(v, axis=1) / np.arange(1, v.shape[1] + 1)[None, :, None]
 
 
-def attention(x, layer, a, shape=None):
+def attention(x, layer, a, shape=None, visible=None):
     T = x.shape[0]
     n, n_kv, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
     q = affine(x, layer["self_attn.q_proj"]).reshape(T, n, hd).transpose(1, 0, 2)
@@ -49,7 +49,7 @@ def attention(x, layer, a, shape=None):
         q, k = rope(q, a.rope_theta, rot), rope(k, a.rope_theta, rot)
     k, v = np.repeat(k, n // n_kv, axis=0), np.repeat(v, n // n_kv, axis=0)
     s = q @ k.transpose(0, 2, 1) * (a.attention_scale or hd**-0.5)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    s = np.where(np.tril(np.ones((T, T), bool)) if visible is None else visible, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     out = p @ v
@@ -93,8 +93,10 @@ def norm(x, kind, gain, bias, eps):
     return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * gain
 
 
-def forward(w, a, tokens):
-    """Logits (T, vocab) of the vanilla skipless model for a 1-D token array."""
+def forward(w, a, tokens, visible=None):
+    """Logits (T, vocab) of the vanilla skipless model for a 1-D token array.
+    visible[t, s]: position t's softmax sees position s (default: causal). The
+    causal mean of shaped attention always covers the whole past."""
     x = w.embed[tokens]
     if w.positions is not None:
         x = x + w.positions[: len(tokens)]
@@ -102,9 +104,9 @@ def forward(w, a, tokens):
         shape = ({k: w.other[f"model.layers.{i}.self_attn.{k}"] for k in ("alpha", "beta", "gamma")}
                  if a.shaped_attention else None)
         if a.parallel_block:
-            x = attention(x, layer, a, shape) + ffn(x, layer, a)
+            x = attention(x, layer, a, shape, visible) + ffn(x, layer, a)
         else:
-            x = ffn(attention(x, layer, a, shape), layer, a)
+            x = ffn(attention(x, layer, a, shape, visible), layer, a)
     if a.final_norm:
         g = np.asarray(w.other["model.norm.weight"], np.float64)
         b = w.other.get("model.norm.bias")
