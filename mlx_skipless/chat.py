@@ -9,11 +9,10 @@ import sys
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .checkpoint import CheckpointError
-from .generate import DEFAULT_MODEL
+from .generate import DEFAULT_MODEL, prompt_cache
 from .loading import load
 
 
@@ -48,7 +47,7 @@ def main(argv=None, read=input, write=print):
         print(f"error: {e}", file=sys.stderr)
         return 1
     sampler = make_sampler(opts.temp, opts.top_p)
-    cache, first = make_prompt_cache(model, opts.max_kv_size), True
+    cache, first = prompt_cache(model, opts.max_kv_size), True
     write(f"[INFO] chatting with {opts.model}; 'q' quits, 'r' resets")
     while True:
         try:
@@ -58,7 +57,7 @@ def main(argv=None, read=input, write=print):
         if text.strip() == "q":
             return 0
         if text.strip() == "r":
-            cache, first = make_prompt_cache(model, opts.max_kv_size), True
+            cache, first = prompt_cache(model, opts.max_kv_size), True
             continue
         tokens = turn_tokens(tokenizer, text, opts.system_prompt, first)
         first = False

@@ -11,6 +11,7 @@ import types
 
 import mlx.core as mx
 from mlx_lm.generate import generate, stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .checkpoint import CheckpointError
@@ -71,6 +72,27 @@ def encode_prompt(tokenizer, prompt: str, system_prompt=None, ignore_chat_templa
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def prompt_cache(model, max_kv_size=None):
+    """mlx-lm's caches for `model`, rotating when max_kv_size is given. mlx-lm's
+    make_prompt_cache drops the size for models with their own make_cache, as
+    shaped-attention models have (their caches also keep running sums of V)."""
+    if hasattr(model, "make_cache"):
+        return model.make_cache(max_kv_size)
+    return make_prompt_cache(model, max_kv_size)
+
+
+def check_cache_flags(model, kv_bits, kv_group_size, max_kv_size):
+    """Refuse, before generating, KV-cache flags that mlx-lm cannot honour."""
+    if kv_bits is None:
+        return
+    if max_kv_size is not None:
+        raise ValueError("--kv-bits and --max-kv-size do not combine: mlx-lm does not quantize "
+                         "a rotating KV cache")
+    if model.args.head_dim % kv_group_size:
+        raise ValueError(f"--kv-group-size {kv_group_size} does not divide the head size "
+                         f"{model.args.head_dim}, so the KV cache cannot be quantized")
+
+
 def context_length(model) -> int:
     return model.args.max_position_embeddings
 
@@ -82,6 +104,7 @@ def main(argv=None):
     prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt.replace("\\n", "\n")
     try:
         model, tokenizer = load(opts.model, opts.revision, assume_skipless=opts.assume_skipless)
+        check_cache_flags(model, opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
         tokens = encode_prompt(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
         limit = context_length(model)
         if len(tokens) > limit:
@@ -96,7 +119,8 @@ def main(argv=None):
         print(f"[INFO] generating {max_tokens} tokens: the context ends at {limit}", file=sys.stderr)
     sampler = make_sampler(opts.temp, opts.top_p, opts.min_p, top_k=opts.top_k)
     text = generate(model, tokenizer, tokens, verbose=opts.verbose, max_tokens=max_tokens,
-                    sampler=sampler, max_kv_size=opts.max_kv_size, kv_bits=opts.kv_bits,
+                    sampler=sampler, prompt_cache=prompt_cache(model, opts.max_kv_size),
+                    kv_bits=opts.kv_bits,
                     kv_group_size=opts.kv_group_size, quantized_kv_start=opts.quantized_kv_start)
     if not opts.verbose:
         print(text)

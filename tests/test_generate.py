@@ -1,5 +1,7 @@
 """Acceptance (issue 4): generation from converted models, ours and stock mlx-lm's."""
 
+import concurrent.futures
+import contextlib
 import json
 import shutil
 import socket
@@ -29,7 +31,8 @@ def models(tmp_path_factory):
     """Vanilla skipless checkpoints and their converted forms (float32)."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, family in (("serial_gqa", "llama"), ("parallel_mha", "gpt_neox"), ("moe", "mixtral")):
+    for name, family in (("serial_gqa", "llama"), ("parallel_mha", "gpt_neox"), ("moe", "mixtral"),
+                         ("shaped", "skipless_shaped")):
         args, flat = hf.case(family, seed=1)
         src = hf.write(root / f"{name}-src", family, args, flat)
         convert(str(src), str(root / name), progress=False, log=lambda *_: None)
@@ -89,9 +92,11 @@ def test_quantized_model_and_quantized_kv_cache(tmp_path, capsys):
     ("missing", "no such directory"),
     ("no_weights", "no model*.safetensors weight files"),
     ("long_prompt", "the prompt is 70 tokens; the model's context is 64"),
+    ("kv_group", "--kv-group-size 64 does not divide the head size 8"),
+    ("kv_rotating", "--kv-bits and --max-kv-size do not combine"),
 ])
 def test_bad_model_or_prompt_is_a_one_line_error(models, tmp_path, capsys, how, message):
-    model, prompt = str(models["serial_gqa"][1]), PROMPT
+    model, prompt, flags = str(models["serial_gqa"][1]), PROMPT, []
     if how == "missing":
         model = str(tmp_path / "nope")
     elif how == "no_weights":
@@ -99,11 +104,22 @@ def test_bad_model_or_prompt_is_a_one_line_error(models, tmp_path, capsys, how, 
         empty.mkdir()
         (empty / "config.json").write_text((models["serial_gqa"][1] / "config.json").read_text())
         model = str(empty)
-    else:
+    elif how == "long_prompt":
         prompt = " ".join(["x"] * 70)
-    assert generate_cli.main(["--model", model, "--prompt", prompt]) == 1
+    else:
+        flags = ["--kv-bits", "8"] + (["--max-kv-size", "32", "--kv-group-size", "32"]
+                                      if how == "kv_rotating" else [])
+    assert generate_cli.main(["--model", model, "--prompt", prompt, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_max_kv_size_bounds_a_shaped_models_cache(models):
+    """mlx-lm's make_prompt_cache drops --max-kv-size for a model with make_cache."""
+    model, tokenizer = mlx_skipless.load(str(models["shaped"][1]))
+    cache = generate_cli.prompt_cache(model, 8)
+    text = mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=12, prompt_cache=cache)
+    assert text and all(c.size() == 8 for c in cache[: len(model.layers)])
 
 
 def test_chat_resets_and_streams_like_generate(models):
@@ -131,41 +147,65 @@ def _post(port, path, body):
         return json.loads(response.read())
 
 
-def test_mlx_lm_server_answers_for_a_converted_model(models):
+@contextlib.contextmanager
+def mlx_lm_server(model_dir):
+    """`mlx_lm server` on a free local port, up within two minutes, always stopped."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(models["moe"][1]),
-                               "--trust-remote-code", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while True:
             try:
-                completion = _post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
                 break
             except OSError:
                 assert time.time() < deadline and server.poll() is None, "server did not start"
                 time.sleep(0.5)
+        yield port
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+def test_mlx_lm_server_answers_for_a_converted_model(models):
+    with mlx_lm_server(models["moe"][1]) as port:
+        completion = _post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
         assert completion["usage"]["completion_tokens"] == 4
         assert completion["choices"][0]["text"]
         chat_reply = _post(port, "/v1/chat/completions",
                            {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4})
         assert chat_reply["choices"][0]["message"]["content"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_mlx_lm_server_batches_shaped_attention_exactly(models):
+    """Concurrent requests share one left-padded batch; each gets its answer alone."""
+    prompts = ["x", "def x ( n ) : return n * 2 + 1 if n else None", "import self . y"]
+
+    def complete(prompt):
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0.0}
+        return _post(port, "/v1/completions", body)["choices"][0]["text"]
+
+    with mlx_lm_server(models["shaped"][1]) as port:
+        alone = [complete(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
+    assert all(alone) and together == alone
 
 
 def test_tensor_parallel_over_two_processes(models, tmp_path):
-    """mlx-lm's sharded_load + mlx.launch (ring backend, localhost) through the model file's shard()."""
-    for name in ("serial_gqa", "parallel_mha"):
-        out = models[name][1]
-        result = tmp_path / f"{name}.npy"
-        run = subprocess.run([MLX_LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
-                              str(WORKERS / "sharded_logits.py"), str(out), str(result)],
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        model, _ = mlx_skipless.load_model(str(out))
+    """mlx-lm's sharded_load + mlx.launch (ring backend, localhost) through the model file's
+    shard(), a full forward and a cached decode (shaped attention: the sums of sharded heads)."""
+    names = ("serial_gqa", "parallel_mha", "shaped")
+    run = subprocess.run([MLX_LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
+                          str(WORKERS / "sharded_logits.py"), str(tmp_path),
+                          *(str(models[name][1]) for name in names)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for i, name in enumerate(names):
+        model, _ = mlx_skipless.load_model(str(models[name][1]))
         tokens = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (2, 12)))
         ref = np.array(model(tokens))
-        got = np.load(result)
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+        for got in np.load(tmp_path / f"{i}.npy"):  # full forward, then cached decode
+            assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
