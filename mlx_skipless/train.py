@@ -16,7 +16,6 @@ import json
 import sys
 import time
 import tomllib
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -24,14 +23,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from . import data, families
-from .checkpoint import staged_directory
+from . import data, families, modeldir
+from .loss import cross_entropy, evaluate
+from .checkpoint import CheckpointError, OutputDir
 from .models.skipless import Model, ModelArgs
 
-STATE = "trainer.json"
-OPTIMIZER = "optimizer.safetensors"
+# flags a resumed run takes from its recorded options unless given again
+RECORDED = ("steps", "batch_size", "context", "lr", "warmup", "weight_decay", "clip", "orthogonality",
+            "seed", "eval_every", "save_every", "data", "val_fraction")
+NEW_RUN_ONLY = ("config", "tokenizer", "vocab_size", "q_init_scale")
 
 
 def read_model_config(path: str) -> dict:
@@ -87,66 +89,45 @@ def orthogonality(model: Model) -> mx.array:
     return mx.mean(mx.stack(terms)) if terms else mx.array(0.0)
 
 
-def cross_entropy(model, x, y):
-    return nn.losses.cross_entropy(model(x), y).mean()
-
-
-def evaluate(model, corpus: data.Corpus, context: int, batches: int = 8, batch_size: int = 16) -> float:
-    losses = [cross_entropy(model, mx.array(x), mx.array(y)).item()
-              for x, y in corpus.validation(batches, batch_size, context)]
-    return float(np.mean(losses))
-
-
 def schedule(lr: float, steps: int, warmup: int):
     warm = optim.linear_schedule(lr / max(warmup, 1), lr, max(warmup, 1))
     decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
     return optim.join_schedules([warm, decay], [max(warmup, 1)])
 
 
-def save(out: Path, model: Model, args: ModelArgs, tok, optimizer, state: dict, eos_id: int):
-    """Write the checkpoint atomically: a crash never leaves a half-written one."""
-    with staged_directory(out, force=True) as tmp:
-        config = {k: v for k, v in asdict(args).items() if v is not None}
-        config.update(model_type="skipless", skipless=True, architectures=["SkiplessForCausalLM"],
-                      torch_dtype="float32", bos_token_id=eos_id, eos_token_id=eos_id)
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                            metadata={"format": "mlx"})
-        data.save_tokenizer(tok, tmp, args.max_position_embeddings)
-        if optimizer is not None:
-            mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(path: Path):
-    """(model, args, tokenizer, trainer state or {}) of a checkpoint written by `save`."""
-    config = json.loads((path / "config.json").read_text())
-    args = ModelArgs(**families.model_fields(config))
-    model = Model(args)
-    model.load_weights(str(path / "model.safetensors"))
-    state = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}
-    return model, args, data.load_tokenizer(path), state
-
-
-def load_optimizer_state(path: Path):
-    return tree_unflatten(list(mx.load(str(Path(path) / OPTIMIZER)).items()))
+def save(target: OutputDir, model: Model, args: ModelArgs, tok, optimizer, state: dict):
+    """A new version of the claimed output, atomically: a crash never leaves a half-written one."""
+    with target.stage() as tmp:
+        record = {"step": state["step"], "options": state.get("options", {})}
+        modeldir.save(tmp, model, args, "train", tok, record=record, training=state, optimizer=optimizer)
 
 
 def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16, context: int = 128,
           lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
           ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
           state: dict = None, optimizer_state=None, progress: bool = True, log=print,
-          stop_at: int = None) -> dict:
+          stop_at: int = None, record: dict = None) -> dict:
     """Train to `steps` (from state["step"] when resuming) and return the trainer state.
-    `stop_at` ends the run early, as an interruption would, schedule unchanged."""
+    `stop_at` ends the run early, as an interruption would, schedule unchanged.
+    `out` is claimed for the run; it may exist only when resuming. `record`: more
+    options to keep with the run (the data it was trained on)."""
+    resuming = bool(state and state.get("step"))
+    with OutputDir(out, force=resuming) as target:
+        return _train(model, args, tok, corpus, target, steps, batch_size, context, lr, warmup,
+                      weight_decay, clip, ortho, eval_every, save_every, seed, state, optimizer_state,
+                      progress, log, stop_at, record)
+
+
+def _train(model, args, tok, corpus, target, steps, batch_size, context, lr, warmup, weight_decay, clip,
+           ortho, eval_every, save_every, seed, state, optimizer_state, progress, log, stop_at, record):
     state = state or {"step": 0, "history": []}
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
-                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed)
-    state["options"] = opts
+                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
+                eval_every=eval_every, save_every=save_every)
+    state["options"] = {**state.get("options", {}), **opts, **(record or {})}
     optimizer = optim.AdamW(schedule(lr, steps, int(warmup * steps)), weight_decay=weight_decay)
     if optimizer_state is not None:
         optimizer.state = optimizer_state
-    eos = tok.token_to_id(data.EOS)
 
     def loss_fn(m, x, y):
         ce = cross_entropy(m, x, y)
@@ -186,7 +167,7 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
             losses = []
             log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
         if state["step"] % save_every == 0 or last:
-            save(out, model, args, tok, optimizer, state, eos)
+            save(target, model, args, tok, optimizer, state)
     if bar:
         bar.close()
     return state
@@ -219,21 +200,50 @@ def build_parser():
     return p
 
 
+def explicit_flags(argv) -> set:
+    """The options given on the command line, as opposed to left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_options(o, recorded: dict, given: set, log=print):
+    """Set `o` to the run's recorded options, except those given again; log those."""
+    changed = []
+    for key in RECORDED:
+        if key not in recorded:
+            continue
+        if key in given and getattr(o, key) != recorded[key]:
+            changed.append(f"{key} {recorded[key]} -> {getattr(o, key)}")
+        elif key not in given:
+            setattr(o, key, recorded[key])
+    ignored = sorted(given & set(NEW_RUN_ONLY))
+    if changed:
+        log("[INFO] overriding the run's recorded settings: " + ", ".join(changed))
+    if ignored:
+        log(f"[INFO] ignored when resuming (the model already exists): {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+
+
 def main(argv=None):
     o = build_parser().parse_args(argv)
     out = Path(o.out)
     optimizer_state = None
     try:
         if o.resume:
-            model, args, tok, state = load_checkpoint(out)
-            optimizer_state = load_optimizer_state(out)
-            o.context = state["options"]["context"]
+            model, args, tok, state = modeldir.read(out)
+            if not state:
+                raise CheckpointError(f"{out} holds no training state to resume")
+            optimizer_state = modeldir.read_optimizer_state(out)
+            resume_options(o, state.get("options", {}), explicit_flags(argv))
+            if args.position_embedding_type == "learned" and o.context > args.max_position_embeddings:
+                raise ValueError(f"--context {o.context} exceeds the model's {args.max_position_embeddings} "
+                                 "learned positions")
             print(f"[INFO] resuming {out} at step {state['step']}")
         else:
             if not o.config:
                 raise ValueError("--config is required for a new run")
-            if out.exists():
-                raise ValueError(f"{out} exists; use --resume to continue it")
+            OutputDir(out).check()  # fail before training a tokenizer
             fields = read_model_config(o.config)
             if o.tokenizer:
                 tok = data.load_tokenizer(o.tokenizer)
@@ -247,15 +257,15 @@ def main(argv=None):
             initialize(model, o.seed, o.q_init_scale)
             state = None
         corpus = data.Corpus.build(o.data, tok, o.val_fraction)
+        n = sum(v.size for _, v in tree_flatten(model.parameters()))
+        print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
+              f"validation tokens from {corpus.files} files")
+        state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
+                      o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
+                      state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
-          f"validation tokens from {corpus.files} files")
-    state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
-                  o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
-                  state, optimizer_state)
     print(f"[INFO] wrote {out}")
     return 0
 
