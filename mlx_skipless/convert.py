@@ -456,7 +456,8 @@ def build_parser():
                    "(default %(default)s); more makes the plan's measurements less noisy")
     p.add_argument("--allow-degraded", action="store_true",
                    help="write the model even if verification finds it clearly worse")
-    p.add_argument("--force", action="store_true", help="overwrite --mlx-path")
+    p.add_argument("--force", action="store_true",
+                   help="replace --mlx-path if it is empty or a model mlx-skipless wrote")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to")
     return p
 

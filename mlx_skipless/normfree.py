@@ -89,7 +89,11 @@ def freeze_norm(model, corpus, i, name, batches, batch_size, context):
 
 
 def fold_norms(model: Model, args: ModelArgs):
-    """(model without block norms, its args): every FixedNorm folded into its consumers."""
+    """(model without block norms, its args): every FixedNorm folded into its consumers.
+
+    A LayerNorm's centring folds into what produces its input: for the first
+    block, the embedding. A tied head reads that embedding too, so it is untied
+    first and keeps the embedding as it was; folding is then exact."""
     flat = {k: np.array(v, np.float64) for k, v in tree_flatten(model.parameters())}
     needs_bias = {"attention": False, "mlp": False}
     for i, block in enumerate(model.layers):

@@ -3,7 +3,9 @@
 AdamW with linear warm-up and cosine decay, gradient clipping, validation loss,
 checkpoints in the project's format (HF-style config.json + safetensors +
 tokenizer) that `--resume` continues bit for bit: data windows are a function of
-the step, and the optimizer state is saved with the weights.
+the step, and the optimizer state and options are saved in training/, beside the
+weights but where no model loader reads them. A resumed run keeps its recorded
+options; a flag given again overrides its option, and the log says so.
 
 What makes a skipless stack train (He & Hofmann 2023; He et al. 2023): square
 projections start orthogonal, so every block starts close to an isometry and
@@ -111,15 +113,6 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
     `stop_at` ends the run early, as an interruption would, schedule unchanged.
     `out` is claimed for the run; it may exist only when resuming. `record`: more
     options to keep with the run (the data it was trained on)."""
-    resuming = bool(state and state.get("step"))
-    with OutputDir(out, force=resuming) as target:
-        return _train(model, args, tok, corpus, target, steps, batch_size, context, lr, warmup,
-                      weight_decay, clip, ortho, eval_every, save_every, seed, state, optimizer_state,
-                      progress, log, stop_at, record)
-
-
-def _train(model, args, tok, corpus, target, steps, batch_size, context, lr, warmup, weight_decay, clip,
-           ortho, eval_every, save_every, seed, state, optimizer_state, progress, log, stop_at, record):
     state = state or {"step": 0, "history": []}
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
                 weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
@@ -143,31 +136,33 @@ def _train(model, args, tok, corpus, target, steps, batch_size, context, lr, war
         optimizer.update(model, grads)
         return ce, norm
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    resuming = state["step"] > 0
+    with OutputDir(out, force=resuming) as target:  # held for the run: one writer at a time
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
-    tokens, t0, losses = 0, time.perf_counter(), []
-    while state["step"] < min(steps, stop_at or steps):
-        x, y = corpus.batch(state["step"], batch_size, context, seed)
-        ce, _ = step_fn(mx.array(x), mx.array(y))
-        mx.eval(compiled, ce)
-        state["step"] += 1
-        losses.append(ce.item())
-        tokens += x.size
-        if bar:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-        last = state["step"] == steps
-        if state["step"] % eval_every == 0 or last:
-            entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
-                     "val_loss": evaluate(model, corpus, context)}
-            state["history"].append(entry)
-            losses = []
-            log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
-        if state["step"] % save_every == 0 or last:
-            save(target, model, args, tok, optimizer, state)
+            bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
+        tokens, t0, losses = 0, time.perf_counter(), []
+        while state["step"] < min(steps, stop_at or steps):
+            x, y = corpus.batch(state["step"], batch_size, context, seed)
+            ce, _ = step_fn(mx.array(x), mx.array(y))
+            mx.eval(compiled, ce)
+            state["step"] += 1
+            losses.append(ce.item())
+            tokens += x.size
+            if bar:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                bar.update(1)
+            last = state["step"] == steps
+            if state["step"] % eval_every == 0 or last:
+                entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
+                         "val_loss": evaluate(model, corpus, context)}
+                state["history"].append(entry)
+                losses = []
+                log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
+            if state["step"] % save_every == 0 or last:
+                save(target, model, args, tok, optimizer, state)
     if bar:
         bar.close()
     return state
