@@ -238,6 +238,8 @@ def main(argv=None):
         else:
             if not o.config:
                 raise ValueError("--config is required for a new run")
+            if out.exists():
+                raise ValueError(f"{out} exists; use --resume to continue it, or choose another --out")
             OutputDir(out).check()  # fail before training a tokenizer
             fields = read_model_config(o.config)
             if o.tokenizer:

@@ -39,6 +39,15 @@ def run_cli(argv, capsys):
     return code, err
 
 
+def test_the_current_directory_is_refused_as_output(src, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    code, err = run_cli(["--hf-path", str(src), "--mlx-path", ".", "--force"], capsys)
+    assert code == 1 and "current directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "proj"]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["parent", "same", "inside", "symlink", "dot"])
 def test_output_never_overlaps_the_input(src, tmp_path, capsys, monkeypatch, where):
     proj = tmp_path / "proj"

@@ -68,12 +68,18 @@ def pipeline(tmp_path_factory, corpus):
     return dirs
 
 
-def test_trained_gpt2_shape_walks_to_generation(pipeline):
+@pytest.fixture(scope="module")
+def converted(pipeline) -> Path:
+    """The converted model directory, for every later step (generate, serve)."""
+    return pipeline["convert"]
+
+
+def test_trained_gpt2_shape_walks_to_generation(pipeline, converted):
     report = json.loads((pipeline["normfree"] / "config.json").read_text())["normfree"]
     assert abs(report["val_loss_norm_free"] - report["val_loss_fixed_norms"]) <= 1e-5 * report["val_loss_fixed_norms"]
-    config = json.loads((pipeline["convert"] / "config.json").read_text())
+    config = json.loads((converted / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and not config["conversion"]["verification"]["degraded"]
-    out = cli("generate", "--model", pipeline["convert"], "--prompt", "def value", "--max-tokens", 8)
+    out = cli("generate", "--model", converted, "--prompt", "def value", "--max-tokens", 8)
     assert "Generation:" in out.stdout
 
 
