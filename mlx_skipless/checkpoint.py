@@ -248,10 +248,27 @@ class OutputDir:
         self.force, self.inputs = force, [Path(p) for p in inputs if p is not None]
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.made, self.lock, self.committed, self.old_handler = [], None, False, None
+        self.seen = ()  # what the first check found at the path
+
+    def protect(self, *inputs):
+        """Also refuse to overlap `inputs` (those known only after the first check)."""
+        self.inputs += [Path(p) for p in inputs if p is not None]
+        return self
 
     def check(self):
-        """Refuse an output that would destroy an input or something not ours."""
+        """Refuse an output that would destroy an input or something not ours, or
+        that another process wrote since the first check."""
         given, final = self.given, self.final
+        try:
+            st = os.lstat(final)
+            found = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            found = None
+        if self.seen == ():
+            self.seen = found
+        elif found != self.seen:
+            raise CheckpointError(f"{given} was written by another process while this one worked; "
+                                  "nothing was replaced")
         if final.is_symlink():
             raise CheckpointError(f"{given} is a symbolic link; name the directory itself")
         real = final.resolve()

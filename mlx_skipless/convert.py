@@ -17,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, counting, fusion, layout, modeldir, planner, verify
-from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer, staged_directory
+from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer
 from .loading import SkiplessCheckpoint, block_module, shell_module, store
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
@@ -48,7 +48,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     each candidate plan against `budget` in the target dtype; without, it goes by
     the condition numbers alone."""
     out = Path(mlx_path)
-    OutputDir(out, force).check()  # before any work; again with the input once it is known
+    output = OutputDir(out, force)
+    output.check()  # before any work; again with the input once it is known
     if remove not in ("auto", "q", "k", "v"):
         raise CheckpointError(f"--remove must be auto, q, k or v, not {remove!r}")
     source = str(hf_path or DEFAULT_SOURCE)
@@ -80,7 +81,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
             planning = {"method": "bound: keep B where cond(B) is past "
                         f"max({planner.MAX_AMPLIFICATION:g}, {planner.AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
 
-    with staged_directory(out, force, inputs=[ckpt.path]) as staging:
+    with output.protect(ckpt.path), output.stage() as staging:
         result = passes.write(staging, forms)
         if result.verification and not np.isfinite(result.verification["stored"]["original"]["kl"]):
             raise CheckpointError(f"the original model itself is not finite when stored as {stored_as} "

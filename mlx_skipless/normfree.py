@@ -184,8 +184,8 @@ def build_parser():
 def main(argv=None):
     o = build_parser().parse_args(argv)
     try:
-        target = OutputDir(o.out, o.force, inputs=[o.model])
-        target.check()  # before the work, not only after it
+        output = OutputDir(o.out, o.force, inputs=[o.model])
+        output.check()  # before the work, not only after it
         model, args, tok, state = modeldir.read(o.model)
         if tok is None:
             raise ValueError(f"{o.model} has no tokenizer.json to read the --data with")
@@ -196,7 +196,7 @@ def main(argv=None):
             o.calibration_batches, o.seed)
         report["source"] = str(o.model)
         report["trained"] = state.get("options")
-        with target, target.stage() as staging:
+        with output, output.stage() as staging:
             modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import modeldir
-from .checkpoint import OutputDir, staged_directory
+from .checkpoint import OutputDir
 from .models.skipless import Block, ModelArgs
 
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -115,13 +115,12 @@ def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, 
     return scales
 
 
-def write(out: Path, args: ModelArgs, flat: Dict[str, np.ndarray], source: str, force: bool = False,
-          inputs=()):
-    """The what-if as every command writes a model: whole or not at all, never over
-    another directory unless `force` (and then only over one this tool wrote)."""
+def write(output: OutputDir, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
+    """The what-if, as every command writes a model: whole or not at all, and over
+    an existing directory only as `output` allows."""
     record = {"source": source, "how": "norm gains folded, norms and residuals dropped, "
               "each norm replaced by one scalar (RMS 1 on random tokens)"}
-    with staged_directory(out, force, inputs) as staging:
+    with output, output.stage() as staging:
         modeldir.write_config(staging, args, "whatif", whatif=record)
         modeldir.write_weights(staging, {k: mx.array(v.astype(np.float32)) for k, v in flat.items()})
 
@@ -134,10 +133,11 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace OUT if it holds a model mlx-skipless wrote")
     o = p.parse_args(argv)
     try:
-        OutputDir(o.out, o.force, inputs=[o.gguf]).check()  # before the work
+        output = OutputDir(o.out, o.force, inputs=[o.gguf])
+        output.check()  # before the work
         args, flat = from_llama_gguf(o.gguf, o.layers)
         scales = rms_calibrate(args, flat)
-        write(Path(o.out), args, flat, Path(o.gguf).name, o.force, [o.gguf])
+        write(output, args, flat, Path(o.gguf).name)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

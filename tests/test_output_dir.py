@@ -12,7 +12,7 @@ import pytest
 
 import hf_checkpoints as hf
 from mlx_skipless import convert as convert_cli
-from mlx_skipless.checkpoint import CheckpointError
+from mlx_skipless.checkpoint import CheckpointError, staged_directory
 from mlx_skipless.convert import convert
 
 
@@ -117,6 +117,20 @@ def test_a_second_writer_of_the_same_output_fails(src, tmp_path, capsys):
     assert first.returncode == 0
     assert "verification" in json.loads((out / "config.json").read_text())["conversion"]  # the first's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flags", "out", "proj"]  # lock released
+
+
+def test_an_output_written_meanwhile_is_not_replaced(src, tmp_path):
+    """--force replaces what was there when the run began, not what another run wrote since."""
+    out = tmp_path / "out"
+
+    def another_run_finishes(message):
+        if message.startswith("[INFO] ") and not out.exists():  # after the first check
+            with staged_directory(out) as staging:
+                (staging / "config.json").write_text(json.dumps({"model_type": "skipless", "mlx_skipless": {}}))
+
+    with pytest.raises(CheckpointError, match="written by another process"):
+        convert(str(src), str(out), force=True, progress=False, log=another_run_finishes)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 SIGTERM_MIDWAY = """
