@@ -310,13 +310,14 @@ class OutputDir:
         except BaseException:
             self._release()
             raise
-        if threading.current_thread() is threading.main_thread():
-            self.old_handler = signal.signal(signal.SIGTERM, self._terminate)
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle it
+            self.old_handler = (signal.signal(signal.SIGTERM, self._terminate),)
         return self
 
     def __exit__(self, *exc):
         if self.old_handler is not None:
-            signal.signal(signal.SIGTERM, self.old_handler)
+            signal.signal(signal.SIGTERM, self.old_handler[0] if self.old_handler[0] is not None else signal.SIG_DFL)
+            self.old_handler = None
         self._release()
         return False
 
