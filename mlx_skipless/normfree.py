@@ -195,7 +195,7 @@ def main(argv=None):
             model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
             o.calibration_batches, o.seed)
         report["source"] = str(o.model)
-        report["trained"] = state.get("options")
+        report["trained"] = state  # the run it came from: options, steps, losses
         with output, output.stage() as staging:
             modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
     except (FileNotFoundError, ValueError) as e:
