@@ -20,6 +20,7 @@ import time
 import tomllib
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +37,7 @@ from .models.skipless import Model, ModelArgs
 RECORDED = ("steps", "batch_size", "context", "lr", "warmup", "weight_decay", "clip", "orthogonality",
             "seed", "eval_every", "save_every", "data", "val_fraction")
 NEW_RUN_ONLY = ("config", "tokenizer", "vocab_size", "q_init_scale")
+DEFAULTS = {}  # of those options, filled by build_parser
 
 
 def read_model_config(path: str) -> dict:
@@ -192,32 +194,37 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    return _unset_defaults(p)
+
+
+def _unset_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Parse the options a resumed run takes from its record to None when not given
+    (their defaults wait in DEFAULTS), so that what was given can be told apart."""
+    for action in p._actions:
+        if action.dest in RECORDED + NEW_RUN_ONLY and action.default is not None:
+            DEFAULTS[action.dest] = action.default
+            action.help = (action.help + "; " if action.help else "") + f"default {action.default}" + (
+                ", or the run's own with --resume" if action.dest in RECORDED else "")
+            action.default = None
     return p
 
 
-def explicit_flags(argv) -> set:
-    """The options given on the command line, as opposed to left at their defaults."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def resume_options(o, recorded: dict, given: set, log=print):
-    """Set `o` to the run's recorded options, except those given again; log those."""
-    changed = []
-    for key in RECORDED:
-        if key not in recorded:
-            continue
-        if key in given and getattr(o, key) != recorded[key]:
-            changed.append(f"{key} {recorded[key]} -> {getattr(o, key)}")
-        elif key not in given:
-            setattr(o, key, recorded[key])
-    ignored = sorted(given & set(NEW_RUN_ONLY))
+def settle_options(o, recorded: Optional[dict] = None, log=print):
+    """Fill the options not given: from the run's record when resuming (`recorded`),
+    else the defaults. Options given again on resuming override; one line says which."""
+    changed, ignored = [], []
+    for key in RECORDED + NEW_RUN_ONLY:
+        value = getattr(o, key)
+        if recorded is not None and key in NEW_RUN_ONLY and value is not None:
+            ignored.append("--" + key.replace("_", "-"))
+        if value is None:
+            setattr(o, key, recorded[key] if recorded and key in recorded else DEFAULTS.get(key))
+        elif recorded and key in recorded and value != recorded[key]:
+            changed.append(f"{key} {recorded[key]} -> {value}")
     if changed:
         log("[INFO] overriding the run's recorded settings: " + ", ".join(changed))
     if ignored:
-        log(f"[INFO] ignored when resuming (the model already exists): {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+        log(f"[INFO] ignored when resuming (the model already exists): {', '.join(ignored)}")
 
 
 def main(argv=None):
@@ -230,12 +237,13 @@ def main(argv=None):
             if not state:
                 raise CheckpointError(f"{out} holds no training state to resume")
             optimizer_state = modeldir.read_optimizer_state(out)
-            resume_options(o, state.get("options", {}), explicit_flags(argv))
+            settle_options(o, state.get("options", {}))
             if args.position_embedding_type == "learned" and o.context > args.max_position_embeddings:
                 raise ValueError(f"--context {o.context} exceeds the model's {args.max_position_embeddings} "
                                  "learned positions")
             print(f"[INFO] resuming {out} at step {state['step']}")
         else:
+            settle_options(o)
             if not o.config:
                 raise ValueError("--config is required for a new run")
             if out.exists():
