@@ -7,8 +7,6 @@ block at a time, so peak memory stays near two blocks plus the embeddings.
 """
 
 import argparse
-import json
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,10 +16,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__, counting, fusion, layout, planner, verify
-from .checkpoint import CheckpointError, ShardWriter, copy_tokenizer, staged_directory
+from . import __version__, counting, fusion, layout, modeldir, planner, verify
+from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer
 from .loading import SkiplessCheckpoint, block_module, shell_module, store
-from .models import skipless
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -51,8 +48,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     each candidate plan against `budget` in the target dtype; without, it goes by
     the condition numbers alone."""
     out = Path(mlx_path)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass --force to overwrite it")
+    output = OutputDir(out, force)
+    output.check()  # before any work; again with the input once it is known
     if remove not in ("auto", "q", "k", "v"):
         raise CheckpointError(f"--remove must be auto, q, k or v, not {remove!r}")
     source = str(hf_path or DEFAULT_SOURCE)
@@ -84,7 +81,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
             planning = {"method": "bound: keep B where cond(B) is past "
                         f"max({planner.MAX_AMPLIFICATION:g}, {planner.AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
 
-    with staged_directory(out, force) as staging:
+    with output.protect(ckpt.path), output.stage() as staging:
         result = passes.write(staging, forms)
         if result.verification and not np.isfinite(result.verification["stored"]["original"]["kl"]):
             raise CheckpointError(f"the original model itself is not finite when stored as {stored_as} "
@@ -328,16 +325,9 @@ def _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant):
 
 
 def _write_metadata(staging, ckpt, new_args, dtype, quant, report):
-    config = {k: v for k, v in asdict(new_args).items() if v is not None}  # None: the default
-    config.update(model_type="skipless", model_file="skipless.py", torch_dtype=dtype,
-                  conversion=report)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in ckpt.config:
-            config[key] = ckpt.config[key]
-    if quant:
-        config["quantization"] = config["quantization_config"] = quant
-    (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
-    shutil.copy(skipless.__file__, staging / "skipless.py")
+    tokens = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ckpt.config}
+    quantization = {"quantization": quant, "quantization_config": quant} if quant else {}
+    modeldir.write_config(staging, new_args, "convert", dtype, conversion=report, **tokens, **quantization)
     copy_tokenizer(ckpt.path, staging)
     (staging / "README.md").write_text(model_card(report))
 
@@ -467,7 +457,8 @@ def build_parser():
                    "(default %(default)s); more makes the plan's measurements less noisy")
     p.add_argument("--allow-degraded", action="store_true",
                    help="write the model even if verification finds it clearly worse")
-    p.add_argument("--force", action="store_true", help="overwrite --mlx-path")
+    p.add_argument("--force", action="store_true",
+                   help="replace --mlx-path if it is empty or a model mlx-skipless wrote")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to")
     return p
 

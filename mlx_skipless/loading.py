@@ -81,10 +81,15 @@ def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = F
         return model, config
     ckpt = SkiplessCheckpoint(str(path), assume_skipless=assume_skipless)
     model = Model(ckpt.args)
-    weights = dict(ckpt.globals())
+    dtype = getattr(mx, ckpt.dtype())
+    # Block by block into the checkpoint's dtype: the float64 arrays read for fusion
+    # are 8 bytes a weight, and only one block of them need exist at a time.
+    weights = to_mlx(ckpt.globals(), dtype)
     for i in range(ckpt.args.num_hidden_layers):
-        weights.update({f"model.layers.{i}.{k}": v for k, v in ckpt.layer(i).items()})
-    model.load_weights(to_mlx(weights, getattr(mx, ckpt.dtype())))
+        block = to_mlx({f"model.layers.{i}.{k}": v for k, v in ckpt.layer(i).items()}, dtype)
+        mx.eval([v for _, v in block])
+        weights += block
+    model.load_weights(weights)
     if not lazy:
         mx.eval(model.parameters())
     return model, {**ckpt.config, **asdict(ckpt.args)}

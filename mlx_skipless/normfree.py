@@ -8,10 +8,8 @@ final norm, before the head, stays: it does not stand between two blocks.
 """
 
 import argparse
-import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,13 +17,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import data, train
+from . import data, modeldir
+from .loss import cross_entropy, evaluate
+from .checkpoint import OutputDir
 from .models.skipless import Model, ModelArgs
 from .norms import FixedNorm, ScaleRecorder, center_output, fold
 
 FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.gate",
               "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.fc1")
 WARMUP_STEPS = 20
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FFN_OUTPUTS = ("mlp.down_proj", "mlp.fc2", "mlp.switch_mlp.down_proj", "mlp.switch_mlp.fc2")
 
 
@@ -55,7 +56,7 @@ def producers(args: ModelArgs, i: int, norm: str, flat: dict):
     if norm == "post_attention_layernorm":
         paths = [f"model.layers.{i}.self_attn.o_proj"]
     elif i == 0:
-        return [(k, -1) for k in ("model.embed_tokens.weight", "model.embed_positions.weight") if k in flat]
+        return [(k, -1) for k in (EMBED, "model.embed_positions.weight") if k in flat]
     else:
         prev = f"model.layers.{i - 1}."
         paths = [prev + p for p in FFN_OUTPUTS] + ([prev + "self_attn.o_proj"] if args.parallel_block else [])
@@ -66,7 +67,7 @@ def producers(args: ModelArgs, i: int, norm: str, flat: dict):
 
 
 def finetune(model, corpus, optimizer, steps, start, batch_size, context, seed):
-    loss_and_grad = nn.value_and_grad(model, train.cross_entropy)
+    loss_and_grad = nn.value_and_grad(model, cross_entropy)
     for step in range(start, start + steps):
         x, y = corpus.batch(step, batch_size, context, seed)
         loss, grads = loss_and_grad(model, mx.array(x), mx.array(y))
@@ -88,7 +89,11 @@ def freeze_norm(model, corpus, i, name, batches, batch_size, context):
 
 
 def fold_norms(model: Model, args: ModelArgs):
-    """(model without block norms, its args): every FixedNorm folded into its consumers."""
+    """(model without block norms, its args): every FixedNorm folded into its consumers.
+
+    A LayerNorm's centring folds into what produces its input: for the first
+    block, the embedding. A tied head reads that embedding too, so it is untied
+    first and keeps the embedding as it was; folding is then exact."""
     flat = {k: np.array(v, np.float64) for k, v in tree_flatten(model.parameters())}
     needs_bias = {"attention": False, "mlp": False}
     for i, block in enumerate(model.layers):
@@ -104,6 +109,8 @@ def fold_norms(model: Model, args: ModelArgs):
             beta = flat.pop(f"{pre}{name}.bias", None)
             if norm.centered:
                 for key, axis in producers(args, i, name, flat):
+                    if key == EMBED and args.tie_word_embeddings and HEAD not in flat:
+                        flat[HEAD] = flat[key]  # the head reads the embedding as it was: untie
                     flat[key] = center_output(flat[key], axis)
             for path in consumers(args, i, name, params):
                 W, c = fold(flat[f"{pre}{path}.weight"], flat.get(f"{pre}{path}.bias"), gain, beta,
@@ -112,7 +119,7 @@ def fold_norms(model: Model, args: ModelArgs):
                 if c is not None:
                     flat[f"{pre}{path}.bias"] = c
                     needs_bias["attention" if path.startswith("self_attn") else "mlp"] = True
-    new_args = replace(args, block_norm=None,
+    new_args = replace(args, block_norm=None, tie_word_embeddings=args.tie_word_embeddings and HEAD not in flat,
                        attention_bias=args.attention_bias or needs_bias["attention"],
                        mlp_bias=args.mlp_bias or needs_bias["mlp"])
     folded = Model(new_args)
@@ -131,7 +138,7 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
         raise ValueError("this model has no norms inside its blocks")
     if args.residual:
         raise ValueError("this model has residual adds; normfree is for skipless models")
-    report = {"val_loss_with_norms": train.evaluate(model, corpus, context), "stages": []}
+    report = {"val_loss_with_norms": evaluate(model, corpus, context), "stages": []}
     log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
     # A fresh Adam's first steps are full-size: warm up, or they undo the training.
     warmup = optim.linear_schedule(lr / 20, lr, WARMUP_STEPS)
@@ -139,17 +146,17 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
     step = 0
     for i, name in schedule(args):
         scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
-        frozen = train.evaluate(model, corpus, context)
+        frozen = evaluate(model, corpus, context)
         step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed)
         stage = {"layer": i, "norm": name, "scale": scale, "val_loss_frozen": frozen,
-                 "val_loss_finetuned": train.evaluate(model, corpus, context)}
+                 "val_loss_finetuned": evaluate(model, corpus, context)}
         report["stages"].append(stage)
         log(f"[normfree] layer {i} {name}: scale {scale:.3g}, loss {frozen:.4f} frozen, "
             f"{stage['val_loss_finetuned']:.4f} after {steps_per_norm} steps")
     step = finetune(model, corpus, optimizer, final_steps, step, batch_size, context, seed)
-    report["val_loss_fixed_norms"] = train.evaluate(model, corpus, context)
+    report["val_loss_fixed_norms"] = evaluate(model, corpus, context)
     folded, new_args = fold_norms(model, args)
-    report["val_loss_norm_free"] = train.evaluate(folded, corpus, context)
+    report["val_loss_norm_free"] = evaluate(folded, corpus, context)
     report["finetune_steps"] = step
     report["options"] = dict(steps_per_norm=steps_per_norm, final_steps=final_steps, lr=lr,
                              batch_size=batch_size, context=context,
@@ -176,22 +183,25 @@ def build_parser():
 
 def main(argv=None):
     o = build_parser().parse_args(argv)
-    out = Path(o.out)
     try:
-        if out.exists() and not o.force:
-            raise ValueError(f"{out} exists; pass --force to overwrite it")
-        model, args, tok, state = train.load_checkpoint(Path(o.model))
+        output = OutputDir(o.out, o.force, inputs=[o.model])
+        output.check()  # before the work, not only after it
+        model, args, tok, state = modeldir.read(o.model)
+        if tok is None:
+            raise ValueError(f"{o.model} has no tokenizer.json to read the --data with")
         context = state.get("options", {}).get("context", args.max_position_embeddings)
         corpus = data.Corpus.build(o.data, tok)
         folded, new_args, report = remove_norms(
             model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
             o.calibration_batches, o.seed)
+        report["source"] = str(o.model)
+        report["trained"] = state  # the run it came from: options, steps, losses
+        with output, output.stage() as staging:
+            modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    report["source"] = str(o.model)
-    train.save(out, folded, new_args, tok, None, {"normfree": report, "trained": state}, tok.token_to_id(data.EOS))
-    print(f"[INFO] wrote {out}")
+    print(f"[INFO] wrote {o.out}")
     return 0
 
 

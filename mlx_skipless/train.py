@@ -3,7 +3,9 @@
 AdamW with linear warm-up and cosine decay, gradient clipping, validation loss,
 checkpoints in the project's format (HF-style config.json + safetensors +
 tokenizer) that `--resume` continues bit for bit: data windows are a function of
-the step, and the optimizer state is saved with the weights.
+the step, and the optimizer state and options are saved in training/, beside the
+weights but where no model loader reads them. A resumed run keeps its recorded
+options; a flag given again overrides its option, and the log says so.
 
 What makes a skipless stack train (He & Hofmann 2023; He et al. 2023): square
 projections start orthogonal, so every block starts close to an isometry and
@@ -16,22 +18,26 @@ import json
 import sys
 import time
 import tomllib
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from . import data, families
-from .checkpoint import staged_directory
+from . import data, families, modeldir
+from .loss import cross_entropy, evaluate
+from .checkpoint import CheckpointError, OutputDir
 from .models.skipless import Model, ModelArgs
 
-STATE = "trainer.json"
-OPTIMIZER = "optimizer.safetensors"
+# flags a resumed run takes from its recorded options unless given again
+RECORDED = ("steps", "batch_size", "context", "lr", "warmup", "weight_decay", "clip", "orthogonality",
+            "seed", "eval_every", "save_every", "data", "val_fraction")
+NEW_RUN_ONLY = ("config", "tokenizer", "vocab_size", "q_init_scale")
+DEFAULTS = {}  # of those options, filled by build_parser
 
 
 def read_model_config(path: str) -> dict:
@@ -87,66 +93,36 @@ def orthogonality(model: Model) -> mx.array:
     return mx.mean(mx.stack(terms)) if terms else mx.array(0.0)
 
 
-def cross_entropy(model, x, y):
-    return nn.losses.cross_entropy(model(x), y).mean()
-
-
-def evaluate(model, corpus: data.Corpus, context: int, batches: int = 8, batch_size: int = 16) -> float:
-    losses = [cross_entropy(model, mx.array(x), mx.array(y)).item()
-              for x, y in corpus.validation(batches, batch_size, context)]
-    return float(np.mean(losses))
-
-
 def schedule(lr: float, steps: int, warmup: int):
     warm = optim.linear_schedule(lr / max(warmup, 1), lr, max(warmup, 1))
     decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
     return optim.join_schedules([warm, decay], [max(warmup, 1)])
 
 
-def save(out: Path, model: Model, args: ModelArgs, tok, optimizer, state: dict, eos_id: int):
-    """Write the checkpoint atomically: a crash never leaves a half-written one."""
-    with staged_directory(out, force=True) as tmp:
-        config = {k: v for k, v in asdict(args).items() if v is not None}
-        config.update(model_type="skipless", skipless=True, architectures=["SkiplessForCausalLM"],
-                      torch_dtype="float32", bos_token_id=eos_id, eos_token_id=eos_id)
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                            metadata={"format": "mlx"})
-        data.save_tokenizer(tok, tmp, args.max_position_embeddings)
-        if optimizer is not None:
-            mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(path: Path):
-    """(model, args, tokenizer, trainer state or {}) of a checkpoint written by `save`."""
-    config = json.loads((path / "config.json").read_text())
-    args = ModelArgs(**families.model_fields(config))
-    model = Model(args)
-    model.load_weights(str(path / "model.safetensors"))
-    state = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}
-    return model, args, data.load_tokenizer(path), state
-
-
-def load_optimizer_state(path: Path):
-    return tree_unflatten(list(mx.load(str(Path(path) / OPTIMIZER)).items()))
+def save(target: OutputDir, model: Model, args: ModelArgs, tok, optimizer, state: dict):
+    """A new version of the claimed output, atomically: a crash never leaves a half-written one."""
+    with target.stage() as tmp:
+        record = {"step": state["step"], "options": state.get("options", {})}
+        modeldir.save(tmp, model, args, "train", tok, record=record, training=state, optimizer=optimizer)
 
 
 def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16, context: int = 128,
           lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
           ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
           state: dict = None, optimizer_state=None, progress: bool = True, log=print,
-          stop_at: int = None) -> dict:
+          stop_at: int = None, record: dict = None) -> dict:
     """Train to `steps` (from state["step"] when resuming) and return the trainer state.
-    `stop_at` ends the run early, as an interruption would, schedule unchanged."""
+    `stop_at` ends the run early, as an interruption would, schedule unchanged.
+    `out` is claimed for the run; it may exist only when resuming. `record`: more
+    options to keep with the run (the data it was trained on)."""
     state = state or {"step": 0, "history": []}
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
-                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed)
-    state["options"] = opts
+                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
+                eval_every=eval_every, save_every=save_every)
+    state["options"] = {**state.get("options", {}), **opts, **(record or {})}
     optimizer = optim.AdamW(schedule(lr, steps, int(warmup * steps)), weight_decay=weight_decay)
     if optimizer_state is not None:
         optimizer.state = optimizer_state
-    eos = tok.token_to_id(data.EOS)
 
     def loss_fn(m, x, y):
         ce = cross_entropy(m, x, y)
@@ -162,31 +138,33 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
         optimizer.update(model, grads)
         return ce, norm
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    resuming = state["step"] > 0
+    with OutputDir(out, force=resuming) as target:  # held for the run: one writer at a time
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
-    tokens, t0, losses = 0, time.perf_counter(), []
-    while state["step"] < min(steps, stop_at or steps):
-        x, y = corpus.batch(state["step"], batch_size, context, seed)
-        ce, _ = step_fn(mx.array(x), mx.array(y))
-        mx.eval(compiled, ce)
-        state["step"] += 1
-        losses.append(ce.item())
-        tokens += x.size
-        if bar:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-        last = state["step"] == steps
-        if state["step"] % eval_every == 0 or last:
-            entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
-                     "val_loss": evaluate(model, corpus, context)}
-            state["history"].append(entry)
-            losses = []
-            log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
-        if state["step"] % save_every == 0 or last:
-            save(out, model, args, tok, optimizer, state, eos)
+            bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
+        tokens, t0, losses = 0, time.perf_counter(), []
+        while state["step"] < min(steps, stop_at or steps):
+            x, y = corpus.batch(state["step"], batch_size, context, seed)
+            ce, _ = step_fn(mx.array(x), mx.array(y))
+            mx.eval(compiled, ce)
+            state["step"] += 1
+            losses.append(ce.item())
+            tokens += x.size
+            if bar:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                bar.update(1)
+            last = state["step"] == steps
+            if state["step"] % eval_every == 0 or last:
+                entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
+                         "val_loss": evaluate(model, corpus, context)}
+                state["history"].append(entry)
+                losses = []
+                log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
+            if state["step"] % save_every == 0 or last:
+                save(target, model, args, tok, optimizer, state)
     if bar:
         bar.close()
     return state
@@ -216,7 +194,37 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    return _unset_defaults(p)
+
+
+def _unset_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Parse the options a resumed run takes from its record to None when not given
+    (their defaults wait in DEFAULTS), so that what was given can be told apart."""
+    for action in p._actions:
+        if action.dest in RECORDED + NEW_RUN_ONLY and action.default is not None:
+            DEFAULTS[action.dest] = action.default
+            action.help = (action.help + "; " if action.help else "") + f"default {action.default}" + (
+                ", or the run's own with --resume" if action.dest in RECORDED else "")
+            action.default = None
     return p
+
+
+def settle_options(o, recorded: Optional[dict] = None, log=print):
+    """Fill the options not given: from the run's record when resuming (`recorded`),
+    else the defaults. Options given again on resuming override; one line says which."""
+    changed, ignored = [], []
+    for key in RECORDED + NEW_RUN_ONLY:
+        value = getattr(o, key)
+        if recorded is not None and key in NEW_RUN_ONLY and value is not None:
+            ignored.append("--" + key.replace("_", "-"))
+        if value is None:
+            setattr(o, key, recorded[key] if recorded and key in recorded else DEFAULTS.get(key))
+        elif recorded and key in recorded and value != recorded[key]:
+            changed.append(f"{key} {recorded[key]} -> {value}")
+    if changed:
+        log("[INFO] overriding the run's recorded settings: " + ", ".join(changed))
+    if ignored:
+        log(f"[INFO] ignored when resuming (the model already exists): {', '.join(ignored)}")
 
 
 def main(argv=None):
@@ -225,15 +233,22 @@ def main(argv=None):
     optimizer_state = None
     try:
         if o.resume:
-            model, args, tok, state = load_checkpoint(out)
-            optimizer_state = load_optimizer_state(out)
-            o.context = state["options"]["context"]
+            model, args, tok, state = modeldir.read(out)
+            if not state:
+                raise CheckpointError(f"{out} holds no training state to resume")
+            optimizer_state = modeldir.read_optimizer_state(out)
+            settle_options(o, state.get("options", {}))
+            if args.position_embedding_type == "learned" and o.context > args.max_position_embeddings:
+                raise ValueError(f"--context {o.context} exceeds the model's {args.max_position_embeddings} "
+                                 "learned positions")
             print(f"[INFO] resuming {out} at step {state['step']}")
         else:
+            settle_options(o)
             if not o.config:
                 raise ValueError("--config is required for a new run")
             if out.exists():
-                raise ValueError(f"{out} exists; use --resume to continue it")
+                raise ValueError(f"{out} exists; use --resume to continue it, or choose another --out")
+            OutputDir(out).check()  # fail before training a tokenizer
             fields = read_model_config(o.config)
             if o.tokenizer:
                 tok = data.load_tokenizer(o.tokenizer)
@@ -247,15 +262,15 @@ def main(argv=None):
             initialize(model, o.seed, o.q_init_scale)
             state = None
         corpus = data.Corpus.build(o.data, tok, o.val_fraction)
+        n = sum(v.size for _, v in tree_flatten(model.parameters()))
+        print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
+              f"validation tokens from {corpus.files} files")
+        state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
+                      o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
+                      state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
-          f"validation tokens from {corpus.files} files")
-    state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
-                  o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
-                  state, optimizer_state)
     print(f"[INFO] wrote {out}")
     return 0
 

