@@ -1,4 +1,13 @@
-"""Small shared helpers for the tests: tiny configs, MLX models from numpy weights."""
+"""Small shared helpers for the tests: tiny configs, MLX models from numpy weights, a local
+`mlx_lm server`."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -40,3 +49,53 @@ def tokens(n=8, vocab=64, seed=0):
 
 
 __all__ = ["tiny_args", "build", "logits", "rel_err", "fused_model", "tokens", "synthetic"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, path, body):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def mlx_lm_server(model_dir):
+    """`mlx_lm server` on a free local port, up within two minutes, always stopped."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "server did not start"
+                time.sleep(0.5)
+        yield port
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+def greedy_completions_alone_and_together(model_dir, prompts, max_tokens=24):
+    """Each prompt's greedy completion from `mlx_lm server`, sent alone and then all at once."""
+    import concurrent.futures
+
+    with mlx_lm_server(model_dir) as port:
+        def complete(prompt):
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+            return post(port, "/v1/completions", body)["choices"][0]["text"]
+
+        alone = [complete(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
+    return alone, together

@@ -1,14 +1,8 @@
 """Acceptance (issue 4): generation from converted models, ours and stock mlx-lm's."""
 
-import concurrent.futures
-import contextlib
-import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +11,7 @@ import numpy as np
 import pytest
 
 import hf_checkpoints as hf
+from harness import greedy_completions_alone_and_together, mlx_lm_server, post
 import mlx_skipless
 from mlx_skipless import chat, generate as generate_cli
 from mlx_skipless.convert import convert
@@ -134,47 +129,12 @@ def test_chat_resets_and_streams_like_generate(models):
     assert turns == [mlx_lm.generate(model, tokenizer, p, max_tokens=3) for p in ("def x", "return y")]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port, path, body):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-@contextlib.contextmanager
-def mlx_lm_server(model_dir):
-    """`mlx_lm server` on a free local port, up within two minutes, always stopped."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "server did not start"
-                time.sleep(0.5)
-        yield port
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-
-
 def test_mlx_lm_server_answers_for_a_converted_model(models):
     with mlx_lm_server(models["moe"][1]) as port:
-        completion = _post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+        completion = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
         assert completion["usage"]["completion_tokens"] == 4
         assert completion["choices"][0]["text"]
-        chat_reply = _post(port, "/v1/chat/completions",
+        chat_reply = post(port, "/v1/chat/completions",
                            {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4})
         assert chat_reply["choices"][0]["message"]["content"]
 
@@ -182,15 +142,7 @@ def test_mlx_lm_server_answers_for_a_converted_model(models):
 def test_mlx_lm_server_batches_shaped_attention_exactly(models):
     """Concurrent requests share one left-padded batch; each gets its answer alone."""
     prompts = ["x", "def x ( n ) : return n * 2 + 1 if n else None", "import self . y"]
-
-    def complete(prompt):
-        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0.0}
-        return _post(port, "/v1/completions", body)["choices"][0]["text"]
-
-    with mlx_lm_server(models["shaped"][1]) as port:
-        alone = [complete(p) for p in prompts]
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(complete, prompts))
+    alone, together = greedy_completions_alone_and_together(models["shaped"][1], prompts)
     assert all(alone) and together == alone
 
 

@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import hf_checkpoints as hf
+from harness import greedy_completions_alone_and_together
 from mlx_skipless import convert as convert_cli, data, modeldir, normfree, train, whatif
 from mlx_skipless.checkpoint import staged_directory
 from mlx_skipless.loading import load_model
@@ -81,6 +82,12 @@ def test_trained_gpt2_shape_walks_to_generation(pipeline, converted):
     assert config["torch_dtype"] == "bfloat16" and not config["conversion"]["verification"]["degraded"]
     out = cli("generate", "--model", converted, "--prompt", "def value", "--max-tokens", 8)
     assert "Generation:" in out.stdout
+
+
+def test_served_pipeline_model_answers_concurrent_requests_as_alone(converted):
+    prompts = ["def value", "import os\nclass Stack:\n    def push(self, x):", "x = ["]
+    alone, together = greedy_completions_alone_and_together(converted, prompts, max_tokens=12)
+    assert all(alone) and together == alone
 
 
 def test_every_command_writes_the_same_model_directory(pipeline, tmp_path):
