@@ -180,7 +180,7 @@ class TensorSource:
         for key, copies in found.items():
             if len(copies) > 1:
                 raise CheckpointError(f"{key} is stored in both {copies[0].file.name} and {copies[1].file.name}; "
-                                      f"which one is meant is unclear (an {INDEX} would say)")
+                                      f"which one is meant is unclear (a {INDEX} would say)")
             self.tensors[key] = copies[0]
         self.files = {k: t.file for k, t in self.tensors.items()}
         self.shapes = {k: t.shape for k, t in self.tensors.items()}
