@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .models.skipless import ModelArgs
+from .models.skipless import Block, ModelArgs
 
 NORM_REMOVAL = "python -m mlx_skipless.normfree (the norm-removal recipe, see the zoo)"
 # Buffers some checkpoints carry that are not weights: causal masks, RoPE tables.
@@ -337,7 +337,7 @@ class Mapping:
         except KeyError as e:
             raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:  # nested settings (rope_parameters) of the wrong type
-            raise CheckpointError(f"{where}: config.json: {e}") from None
+            raise CheckpointError(f"{where}: config.json does not describe a model: {e}") from None
         # Every layer has tensors: check the count before anything per layer is built.
         if fields["num_hidden_layers"] > len(shapes):
             raise CheckpointError(f"{where}: config.json declares {fields['num_hidden_layers']} layers, "
@@ -349,7 +349,15 @@ class Mapping:
             self.args = ModelArgs(**fields)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
-        self._check(shapes, where)
+        try:
+            # A block built lazily (nothing is allocated) checks what only the model code
+            # reads, RoPE scaling for one, and sizes past what MLX can index.
+            self._check(shapes, where)
+            Block(self.args, self.args.removed[0])
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise CheckpointError(f"{where}: config.json does not describe a model: {e}") from None
 
     def layer_sources(self, i: int) -> Dict[str, Source]:
         return self.family.layer(self.args, i, self.prefix)
