@@ -39,16 +39,19 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         raise CheckpointError(f"could not download {path_or_repo!r}: {e}") from e
 
 
-def read_json(f: Path):
-    """A JSON file of the checkpoint, read only if it is a regular file (a FIFO would hang)."""
+def read_json(f: Path, unique_keys: bool = True):
+    """A JSON file of the checkpoint, read only if it is a regular file (a FIFO would hang).
+    With `unique_keys`, a key given twice is an error (json would keep the last silently)."""
     if not f.exists():
         raise CheckpointError(f"{f} is missing")
     if not f.is_file():
         raise CheckpointError(f"{f} is not a regular file")
     try:
-        return json.loads(f.read_bytes(), object_pairs_hook=_no_duplicate_keys)
+        return json.loads(f.read_bytes(), object_pairs_hook=_no_duplicate_keys if unique_keys else None)
+    except OSError as e:
+        raise CheckpointError(f"{f} cannot be read: {e.strerror}") from None
     except RecursionError:
-        raise CheckpointError(f"{f} is nested too deeply to be a config") from None
+        raise CheckpointError(f"{f} is nested too deeply to read") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a duplicated key
         raise CheckpointError(f"{f} is not valid JSON: {e}") from None
 
@@ -56,7 +59,7 @@ def read_json(f: Path):
 def _no_duplicate_keys(pairs):
     out = {}
     for key, value in pairs:
-        if key in out:  # json keeps the last silently; which one was meant is unknown
+        if key in out:  # which one was meant is unknown
             raise ValueError(f"the key {key!r} appears twice")
         out[key] = value
     return out
@@ -96,15 +99,20 @@ def read_header(f: Path) -> Dict[str, Tensor]:
     if not f.is_file():
         raise CheckpointError(f"{f} is not a regular file")
     size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
-            raise bad(f"its header length field says {n} bytes, the file has {size}")
-        try:
-            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicate_keys)
-        except (ValueError, RecursionError) as e:
-            raise bad(f"its header is not valid JSON ({e})") from None
+    if size < 8:
+        raise bad(f"it has {size} bytes, too few for a header")
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+                raise bad(f"its header length field says {n} bytes, the file has {size}")
+            blob = fh.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{f} cannot be read: {e.strerror}") from None
+    try:
+        header = json.loads(blob, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"its header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     tensors, spans = {}, []

@@ -123,7 +123,7 @@ def load_tokenizer(path, eos_token_id=None, tokenizer_config: Optional[dict] = N
         return None
     for f in present:
         if f.suffix == ".json":
-            read_json(f)  # regular, valid JSON: else an error naming it
+            read_json(f, unique_keys=False)  # regular, valid JSON: else an error naming it
         elif not f.is_file():
             raise CheckpointError(f"{f} is not a regular file")
     # transformers warns about the model's config (unknown model_type "skipless", deprecated

@@ -78,6 +78,13 @@ def test_string_booleans_are_refused_naming_the_field(tmp_path, capsys, family, 
     refused(tmp_path, src, f"'{field}' must be true or false", capsys)
 
 
+def test_a_config_entry_given_twice_is_refused(tmp_path, capsys):
+    src, _, _ = write(tmp_path, "llama")
+    text = (src / "config.json").read_text()
+    (src / "config.json").write_text(text.replace("{", '{"tie_word_embeddings": true, ', 1))
+    refused(tmp_path, src, "config.json is not valid JSON: the key 'tie_word_embeddings' appears twice", capsys)
+
+
 # -- 3: the index decides the shard; a NaN figure fails ---------------------------------------
 
 
@@ -292,9 +299,14 @@ def corrupt(src: Path, data) -> str:
     elif how == "rename":
         tensors[key + data.draw(st.sampled_from(["_", ".x", "s"]))] = tensors.pop(key)
         mx.save_safetensors(str(f), tensors)
-    else:  # the same name in a second file, the same values or not
+    elif data.draw(st.booleans()):  # the same name in a second file, the same values or not
         copy = tensors[key] * data.draw(st.sampled_from([1.0, 0.0]))
         mx.save_safetensors(str(src / "extra.safetensors"), {key: copy})
+    else:  # the same name twice in the header, pointing at the same bytes
+        raw, n = f.read_bytes(), header_length(f)
+        entry = json.dumps({key: json.loads(raw[8:n])[key]})[1:-1].encode()
+        header = b"{" + entry + b"," + raw[9:n]
+        f.write_bytes(len(header).to_bytes(8, "little") + header + raw[n:])
     return how
 
 
