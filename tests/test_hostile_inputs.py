@@ -234,7 +234,8 @@ def test_a_fifo_is_not_read(tmp_path):
     (src / "model.safetensors").unlink()
     os.mkfifo(src / "model.safetensors")
     out = tmp_path / "out"
-    # A child process: on failure it would hang in open(), not this test run.
+    # A child process: a reader blocked opening the FIFO holds the GIL, so only a
+    # timeout from outside ends it.
     run = subprocess.run([sys.executable, "-m", "mlx_skipless.convert", "--hf-path", str(src),
                           "--mlx-path", str(out)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
