@@ -119,13 +119,11 @@ def read_header(f: Path) -> Dict[str, Tensor]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            itemsize = np.dtype(STORED[dtype]).itemsize
-            assert all(type(x) is int and x >= 0 for x in (*shape, start, end))
-        except (TypeError, KeyError, ValueError, AssertionError):
-            raise bad(f"the header entry of {key!r} is malformed: {str(entry)[:200]}") from None
-        if end - start != int(np.prod(shape, dtype=object)) * itemsize:
+        fields = _entry(entry)
+        if fields is None:
+            raise bad(f"the header entry of {key!r} is malformed: {str(entry)[:200]}")
+        dtype, shape, start, end = fields
+        if end - start != int(np.prod(shape, dtype=object)) * np.dtype(STORED[dtype]).itemsize:
             raise bad(f"{key} is {shape} {dtype} but spans {end - start} bytes")
         tensors[key] = Tensor(f, dtype, shape, 8 + n + start)
         spans.append((start, end, key))
@@ -137,6 +135,17 @@ def read_header(f: Path) -> Dict[str, Tensor]:
     if at != size - 8 - n:
         raise bad(f"its tensors hold {at} bytes of data, the file {size - 8 - n}")
     return tensors
+
+
+def _entry(entry):
+    """(dtype, shape, start, end) of a well-formed header entry, else None."""
+    try:
+        dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if dtype not in STORED:
+            return None
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (dtype, shape, start, end) if all(type(x) is int and x >= 0 for x in (*shape, start, end)) else None
 
 
 def _inside(path: Path, name) -> Path:
