@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__, counting, fusion, layout, modeldir, planner, verify
 from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer
-from .loading import SkiplessCheckpoint, block_module, shell_module, store
+from .loading import SkiplessCheckpoint, block_module, check_quantization, load_tokenizer, shell_module, store
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -54,6 +54,10 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         raise CheckpointError(f"--remove must be auto, q, k or v, not {remove!r}")
     source = str(hf_path or DEFAULT_SOURCE)
     ckpt = SkiplessCheckpoint(source, revision, assume_skipless)
+    if load_tokenizer(ckpt.path) is None:  # else it loads, or the error names the bad file
+        log(f"[WARNING] {ckpt.path} has no tokenizer files: the converted model will need one to generate")
+    if quantize:
+        check_quantization(ckpt.args, q_group_size, q_bits)
     dtype = dtype or ckpt.dtype()
     if dtype not in verify.DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")

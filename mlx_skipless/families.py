@@ -8,14 +8,17 @@ architecture with every residual add and every norm inside the chain removed
 (DESIGN §4), so its files simply lack the block norms.
 """
 
+import json
+import math
 import re
+import typing
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .models.skipless import ModelArgs
+from .models.skipless import Block, ModelArgs
 
 NORM_REMOVAL = "python -m mlx_skipless.normfree (the norm-removal recipe, see the zoo)"
 # Buffers some checkpoints carry that are not weights: causal masks, RoPE tables.
@@ -118,6 +121,45 @@ def _gpt2_args(c: dict) -> dict:
         attention_scale=None if c.get("scale_attn_weights", True) else 1.0,
         norm_eps=c.get("layer_norm_epsilon", 1e-5),
     )
+
+
+# Entries of config.json in the families' own names, typed as their ModelArgs field is.
+HF_FIELDS = {"use_parallel_residual": bool, "n_embd": int, "n_head": int, "n_layer": int,
+             "n_inner": Optional[int], "n_positions": int, "rms_norm_eps": float, "layer_norm_eps": float,
+             "layer_norm_epsilon": float, "rotary_emb_base": float, "rotary_pct": float,
+             "activation_function": str, "scale_attn_weights": bool, "scale_attn_by_inverse_layer_idx": bool,
+             "reorder_and_upcast_attn": bool, "rope_parameters": Optional[dict]}
+MAY_BE_ZERO = {"num_local_experts"}  # 0: a dense feed-forward
+
+
+def check_config(config: dict, where: str):
+    """Refuse an entry of config.json that Hugging Face and mlx-lm would misread.
+
+    Both take values as they are: the string "false" is a true boolean there, and
+    "abc" or 0 heads fail deep inside (or not at all). Each known entry must have
+    its field's JSON type: booleans true/false, counts positive integers, numbers finite."""
+    types = {k: f.type for k, f in ModelArgs.__dataclass_fields__.items()}
+    for key, value in config.items():
+        kind = HF_FIELDS.get(key, types.get(key))
+        if kind is None:
+            continue
+        optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+        if optional:
+            if value is None:
+                continue
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kind = typing.get_origin(kind) or kind
+        if kind is bool and type(value) is not bool:
+            want = 'true or false (a JSON boolean: Python reads the string "false" as true)'
+        elif kind is int and not (type(value) is int and value >= (0 if key in MAY_BE_ZERO else 1)):
+            want = "a non-negative integer" if key in MAY_BE_ZERO else "a positive integer"
+        elif kind is float and not (type(value) in (int, float) and math.isfinite(value)):
+            want = "a finite number"
+        elif kind in (str, dict, list) and not isinstance(value, kind):
+            want = {str: "a string", dict: "a JSON object", list: "a JSON list"}[kind]
+        else:
+            continue
+        raise CheckpointError(f"{where}: config.json's {key!r} must be {want}, not {json.dumps(value)[:80]}")
 
 
 def model_fields(c: dict) -> dict:
@@ -273,6 +315,7 @@ class Mapping:
 
     def __init__(self, config: dict, shapes: Dict[str, Tuple[int, ...]], assume_skipless: bool = False,
                  where: str = "this checkpoint"):
+        check_config(config, where)
         kind = config.get("model_type")
         if kind not in FAMILIES:
             raise CheckpointError(
@@ -293,14 +336,28 @@ class Mapping:
             fields = self.family.args(config)
         except KeyError as e:
             raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:  # nested settings (rope_parameters) of the wrong type
+            raise CheckpointError(f"{where}: config.json does not describe a model: {e}") from None
+        # Every layer has tensors: check the count before anything per layer is built.
+        if fields["num_hidden_layers"] > len(shapes):
+            raise CheckpointError(f"{where}: config.json declares {fields['num_hidden_layers']} layers, "
+                                  f"but the checkpoint holds only {len(shapes)} tensors")
         if self.family.final_norm_key:
             has_norm = self.prefix + self.family.final_norm_key in keys
             fields.update(final_norm=self.family.final_norm if has_norm else None)
         try:
             self.args = ModelArgs(**fields)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
-        self._check(shapes, where)
+        try:
+            # A block built lazily (nothing is allocated) checks what only the model code
+            # reads, RoPE scaling for one, and sizes past what MLX can index.
+            self._check(shapes, where)
+            Block(self.args, self.args.removed[0])
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise CheckpointError(f"{where}: config.json does not describe a model: {e}") from None
 
     def layer_sources(self, i: int) -> Dict[str, Source]:
         return self.family.layer(self.args, i, self.prefix)

@@ -1,5 +1,6 @@
 """Open skipless checkpoints (any supported family) and converted models."""
 
+import warnings
 from dataclasses import asdict, replace
 from typing import Dict, Optional, Tuple
 
@@ -8,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import families
-from .checkpoint import CheckpointError, TensorSource, read_config, resolve
+from .checkpoint import TOKENIZER_FILES, CheckpointError, TensorSource, read_config, read_json, resolve
 from .models.skipless import Block, Model, ModelArgs
 
 
@@ -22,6 +23,10 @@ class SkiplessCheckpoint:
         self.source = TensorSource(self.path)
         self.mapping = families.Mapping(self.config, self.source.shapes, assume_skipless, str(self.path))
         self.family, self.args = self.mapping.family.name, self.mapping.args
+        if any(self.args.removed):
+            raise CheckpointError(
+                f"{self.path} is already reduced (layers without {sorted(set(self.args.removed) - {''})}): "
+                "fusion starts from the vanilla checkpoint it was converted from; pass that instead")
 
     def layer(self, i: int) -> Dict[str, np.ndarray]:
         """Block i as float64 arrays, named relative to the block ("self_attn.q_proj.weight")."""
@@ -65,6 +70,22 @@ def store(module: nn.Module, dtype, quantize: Optional[dict]) -> nn.Module:
     return module
 
 
+def check_quantization(args: ModelArgs, group_size: int, bits: int):
+    """Refuse settings mx.quantize rejects, or that would quantize no matrix of this
+    model (`store` skips a layer whose input width is not a multiple of the group)."""
+    if type(group_size) is not int or group_size <= 0:  # mx.quantize crashes the process on 0
+        raise CheckpointError(f"--q-group-size must be a positive integer, not {group_size!r}")
+    widths = sorted({args.hidden_size, args.num_attention_heads * args.head_dim, args.intermediate_size})
+    fits = [w for w in widths if w % group_size == 0]
+    if not fits:
+        raise CheckpointError(f"--q-group-size {group_size} divides none of this model's matrix input "
+                              f"widths {widths}: nothing would be quantized")
+    try:
+        mx.eval(mx.quantize(mx.zeros((1, fits[0])), group_size=group_size, bits=bits))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"-q --q-bits {bits} --q-group-size {group_size}: {e}") from None
+
+
 def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
                assume_skipless: bool = False) -> Tuple[Model, dict]:
     """A converted model directory, or a vanilla skipless checkpoint of any family."""
@@ -95,20 +116,42 @@ def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = F
     return model, {**ckpt.config, **asdict(ckpt.args)}
 
 
-def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
-         assume_skipless: bool = False, tokenizer_config: Optional[dict] = None):
-    """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
-    from mlx_lm.utils import load_tokenizer
+def load_tokenizer(path, eos_token_id=None, tokenizer_config: Optional[dict] = None):
+    """mlx-lm's tokenizer of a model directory, or a CheckpointError naming the
+    file that keeps it from loading. None where the directory has no tokenizer files."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
     from transformers.utils import logging
 
-    path = resolve(path_or_repo, revision)
-    model, config = load_model(str(path), None, lazy, assume_skipless)
-    # transformers warns that it does not know model_type "skipless"; it only needs the tokenizer.
+    present = [path / n for n in TOKENIZER_FILES if (path / n).exists() or (path / n).is_symlink()]
+    if not present:
+        return None
+    for f in present:
+        if f.suffix == ".json":
+            read_json(f, unique_keys=False)  # regular, valid JSON: else an error naming it
+        elif not f.is_file():
+            raise CheckpointError(f"{f} is not a regular file")
+    # transformers warns about the model's config (unknown model_type "skipless", deprecated
+    # rope names); it only needs the tokenizer.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=config.get("eos_token_id"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return mlx_lm_load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos_token_id)
+    except Exception as e:  # tokenizers and transformers raise many types for a bad file
+        names, why = ", ".join(f.name for f in present), " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}: the tokenizer ({names}) does not load: {why}") from None
     finally:
         logging.set_verbosity(verbosity)
+
+
+def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
+         assume_skipless: bool = False, tokenizer_config: Optional[dict] = None):
+    """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
+    path = resolve(path_or_repo, revision)
+    model, config = load_model(str(path), None, lazy, assume_skipless)
+    tokenizer = load_tokenizer(path, config.get("eos_token_id"), tokenizer_config)
+    if tokenizer is None:
+        raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
     return model, tokenizer

@@ -54,8 +54,8 @@ class Budget:
     sigmas: float = 2.0
 
     def admits(self, converted: Dict[str, float], rounding: Dict[str, float]) -> bool:
-        if not np.isfinite(converted["kl"]):
-            return False
+        if not all(np.isfinite(converted[k]) for k in ("max_rel_error", "top1_agreement", "kl")):
+            return False  # a NaN compares false with everything: it would pass any test below
         p = rounding["top1_agreement"]
         noise = self.sigmas * np.sqrt(2 * p * (1 - p) / rounding.get("tokens", PROBE_TOKENS))
         lost = p - converted["top1_agreement"]
