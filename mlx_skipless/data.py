@@ -2,9 +2,9 @@
 
 A corpus is any set of files or folders; `stdlib` names the running Python's
 standard library, a code corpus every machine has, and a corpus directory built
-by `mlx_skipless.corpus` stands for its training split (its held-out packages
-are for evaluation only). Files go to the validation
-split by a hash of their path, so the split does not depend on file order.
+by `mlx_skipless.corpus` (`corpus`: the one in its default place) stands for its
+training split; its held-out packages are for evaluation only. Files go to the
+validation split by a hash of their path, so the split does not depend on file order.
 """
 
 import json
@@ -33,6 +33,10 @@ def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS,
     for p in paths:
         if p == "stdlib" or p.startswith("stdlib/"):
             path = stdlib_path() / p.removeprefix("stdlib").lstrip("/")
+        elif p == "corpus":
+            path = corpus.DEFAULT_OUT.expanduser()
+            if not (path / corpus.MANIFEST).is_file():
+                raise FileNotFoundError(f"corpus: no corpus at {path}; build it: python -m mlx_skipless.corpus")
         else:
             path = Path(p).expanduser()
         path = corpus.split_of(path, split)

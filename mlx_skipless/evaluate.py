@@ -11,7 +11,8 @@ least context - stride tokens of the past. The same bytes, joined without
 separators, are compressed by gzip -9, bz2 -9 and xz -9e for scale.
 
     python -m mlx_skipless.evaluate                    # the packaged demo on the held-out packages
-    python -m mlx_skipless.evaluate --model DIR --data ~/.cache/mlx-skipless/python-corpus
+    python -m mlx_skipless.evaluate --model DIR --data corpus      # the same, spelled out
+    python -m mlx_skipless.evaluate --model DIR --data path/to/files_or_folders
 """
 
 import argparse
@@ -121,9 +122,9 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default=str(DEFAULT_SOURCE),
                    help="vanilla or converted model directory (default: the packaged demo)")
-    p.add_argument("--data", nargs="+", default=[str(corpus.DEFAULT_OUT)],
+    p.add_argument("--data", nargs="+", default=["corpus"],
                    help="Python files or folders; a corpus built by mlx_skipless.corpus stands for its "
-                        f"held-out packages (default: {corpus.DEFAULT_OUT})")
+                        f"held-out packages (default: 'corpus', the one built in {corpus.DEFAULT_OUT})")
     p.add_argument("--stride", type=int, help="tokens each window advances (default: half the context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true")
@@ -144,8 +145,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         if o.verbose:
             raise
-        hint = " (build it: python -m mlx_skipless.corpus)" if o.data == [str(corpus.DEFAULT_OUT)] else ""
-        print(f"error: {e}{hint if isinstance(e, FileNotFoundError) else ''}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     r["model"], r["data"] = o.model, o.data
     print(json.dumps(r, indent=2) if o.json else report(o.model, r))

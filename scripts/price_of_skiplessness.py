@@ -14,7 +14,7 @@ shared machine hits them alike. The compressors' figures on the same bytes
 close the table.
 
     python scripts/price_of_skiplessness.py residual=RUNS/residual skipless=RUNS/with-norms \\
-        norm-free=RUNS/norm-free bf16=RUNS/bf16 4-bit=RUNS/q4 --data ~/.cache/mlx-skipless/python-corpus
+        norm-free=RUNS/norm-free bf16=RUNS/bf16 4-bit=RUNS/q4 --data corpus
 """
 
 import argparse
@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import measure, weight_bytes  # noqa: E402
 
-from mlx_skipless import corpus, data, evaluate  # noqa: E402
+from mlx_skipless import data, evaluate  # noqa: E402
 
 
 def parse_run(text: str):
@@ -98,8 +98,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("runs", nargs="+", type=parse_run, metavar="LABEL=DIR", help="model directories to compare")
-    p.add_argument("--data", nargs="+", default=[str(corpus.DEFAULT_OUT)],
-                   help="held-out Python files or folders, or a built corpus (its held-out packages)")
+    p.add_argument("--data", nargs="+", default=["corpus"],
+                   help="held-out Python files or folders, or a built corpus (its held-out packages; "
+                        "default: 'corpus', the one built by python -m mlx_skipless.corpus)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=8)

@@ -84,3 +84,12 @@ def test_refuses_a_licence_that_is_not_permissive_and_unknown_held_out(wheels, t
 def test_held_out_packages_are_pinned_packages():
     assert set(corpus.HELD_OUT) <= set(corpus.PACKAGES)
     assert len(corpus.PACKAGES) - len(corpus.HELD_OUT) >= 10
+
+
+def test_corpus_names_the_default_corpus(wheels, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "DEFAULT_OUT", tmp_path / "default")
+    with pytest.raises(FileNotFoundError, match="python -m mlx_skipless.corpus"):
+        data.find_files(["corpus"])
+    corpus.build(tmp_path / "default", wheels, PACKAGES, held_out=["held"], log=lambda *_: None)
+    assert data.find_files(["corpus"]) == data.find_files([str(tmp_path / "default")])
+    assert evaluate.read_files(["corpus"]) == evaluate.read_files([str(tmp_path / "default" / "heldout")])
