@@ -129,6 +129,8 @@ def build_size(size: str, work: Path, corpus_dir: Path, baseline: bool, ship: bo
         path = work / f"{name}.json"
         path.write_text(json.dumps(config, indent=2))
         args, done = train_command(path, work / name, steps["train"]), trained_to(work / name)
+        if name != "with-norms":  # the same tokenizer, not merely the same recipe for one
+            args += ["--tokenizer", str(work / "with-norms" / "tokenizer.json")]
         label = "train" if name == "with-norms" else f"train {name}"
         if done >= steps["train"]["steps"]:
             print(f"[INFO] {name}: trained ({done} steps)")
