@@ -65,9 +65,11 @@ def run(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> d
         models[label] = (model, tok.get_vocab_size(), context)
         compressors, n_bytes = r["compressors"], r["bytes"]
     vocab = min(v for _, v, _ in models.values())
-    prompt = min([prompt] + [c - steps - warmup - 1 for _, _, c in models.values()])
-    if prompt < 1:
-        raise ValueError("--steps + --warmup exceed a model's context; decode fewer steps")
+    room = min(c for _, _, c in models.values()) - 1  # a short context shortens the prompt, then the steps
+    prompt = max(1, min(prompt, room - warmup - steps))
+    steps = min(steps, room - warmup - prompt)
+    if steps < 1:
+        raise ValueError(f"a {room + 1}-token context leaves no room for {warmup} warm-up steps")
     log(f"[INFO] timing decode: {len(models)} models interleaved, {warmup} + {steps} steps after {prompt} tokens")
     timing = measure({k: m for k, (m, _, _) in models.items()}, prompt, steps, warmup, vocab)
     for row in rows:
