@@ -191,12 +191,14 @@ def size_card(size, model, price, commands, samples, manifest, work) -> str:
              f"Model: d {model['hidden_size']}, {model['num_hidden_layers']} layers, "
              f"{model['num_attention_heads']} heads, FFN {model['intermediate_size']}, context {t['context']}, "
              f"{weights:,} weights as trained; trained {trained['step']} steps of "
-             f"{t['batch_size']} x {t['context']} tokens, norms then removed ({nf['finetune_steps']} fine-tuning steps).", "",
+             f"{t['batch_size']} x {t['context']} tokens to validation loss {trained['history'][-1]['val_loss']:.3f} "
+             f"nats/token; norms then removed ({nf['finetune_steps']} fine-tuning steps): "
+             f"{nf['val_loss_norm_free']:.3f}.", "",
              "## Bits per byte on held-out packages, and decode speed", "",
              "Held-out packages (never in training or the tokenizer): "
              + (", ".join(f"{e['package']} {e['version']}" for e in manifest["packages"] if e["split"] == "heldout")
                 if manifest else "(files given)") + ".", "",
-             price_table(price), "",
+             price_table(price, commands["price"]), "",
              "## Commands (WORK: the build directory; CORPUS: the corpus directory)", "",
              *[f"- {k}: `{v}`" for k, v in commands.items()], "",
              "## Samples from the converted bfloat16 model (prompts chosen before training)", ""]
@@ -213,11 +215,11 @@ def size_card(size, model, price, commands, samples, manifest, work) -> str:
     return "\n".join(lines)
 
 
-def price_table(price) -> str:
+def price_table(price, command) -> str:
     sys.path.insert(0, str(REPO / "scripts"))
     from price_of_skiplessness import markdown
 
-    return markdown(price, "the price command below").rstrip()
+    return markdown(price, command.removesuffix(" --json")).rstrip()
 
 
 def main():

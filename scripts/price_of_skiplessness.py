@@ -26,7 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx_lm.utils import get_total_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import measure, weight_bytes  # noqa: E402
@@ -59,7 +59,7 @@ def run(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> d
         r = evaluate.evaluate(model, tok, texts, context, stride)
         config = json.loads((Path(path) / "config.json").read_text())
         rows.append({"label": label, "path": str(path), "form": describe(config),
-                     "parameters": int(sum(v.size for _, v in tree_flatten(model.parameters()))),
+                     "parameters": int(get_total_parameters(model)),  # quantized ones unpacked
                      "weight_bytes": weight_bytes(model), **{k: r[k] for k in ("bits_per_byte", "nats_per_token",
                                                                                 "tokens", "context")}})
         models[label] = (model, tok.get_vocab_size(), context)

@@ -34,8 +34,10 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
         model = build(args, synthetic.random_flat(args, seed=1))
         train.save(tmp_path / label, model, args, tok, None, {"step": 0}, eos)
         runs[label] = tmp_path / label
-    convert(str(runs["skipless"]), str(tmp_path / "bf16"), dtype="bfloat16", progress=False, log=lambda *_: None)
-    runs["bf16"] = tmp_path / "bf16"
+    quiet = dict(progress=False, log=lambda *_: None)
+    convert(str(runs["skipless"]), str(tmp_path / "bf16"), dtype="bfloat16", **quiet)
+    convert(str(runs["skipless"]), str(tmp_path / "q4"), quantize=True, q_group_size=32, allow_degraded=True, **quiet)
+    runs.update(bf16=tmp_path / "bf16", q4=tmp_path / "q4")
     held = tmp_path / "held"
     held.mkdir()
     for i, t in enumerate(TEXTS):
@@ -47,12 +49,13 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     rows = {r["label"]: r for r in result["rows"]}
     assert [r["form"] for r in result["rows"]] == ["residual, pre-norm", "skipless, norm-free",
-                                                    "converted, bfloat16"]
+                                                    "converted, bfloat16", "converted, 4-bit"]
     model, tok2, context = evaluate.load(str(runs["residual"]))
     expected = evaluate.evaluate(model, tok2, data.read_texts(sorted(held.glob("*.py"))), context)
     assert rows["residual"]["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
     assert rows["bf16"]["bits_per_byte"] == pytest.approx(rows["skipless"]["bits_per_byte"], rel=0.05)
-    assert rows["bf16"]["parameters"] < rows["skipless"]["parameters"]  # Q and P removed
+    assert rows["q4"]["parameters"] == rows["bf16"]["parameters"] < rows["skipless"]["parameters"]  # no Q, P
+    assert rows["q4"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
     assert all(r["decode_tokens_per_s"]["median"] > 0 for r in rows.values())
     assert result["compressors"] == expected["compressors"]
     table = (tmp_path / "t.md").read_text()
