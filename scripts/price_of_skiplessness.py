@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
-from mlx_lm.utils import get_total_parameters
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import measure, weight_bytes  # noqa: E402
@@ -39,6 +40,16 @@ def parse_run(text: str):
     if not sep or not label or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=DIR")
     return label, path
+
+
+def weight_count(model) -> int:
+    """Every weight, those of quantized layers counted unpacked (not their uint32 words and scales)."""
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module)):
+        if hasattr(m, "bits"):
+            own = dict(tree_flatten(m.parameters()))
+            n += m.weight.size * 32 // m.bits - sum(v.size for k, v in own.items() if k != "bias")
+    return int(n)
 
 
 def describe(config: dict) -> str:
@@ -59,7 +70,7 @@ def run(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> d
         r = evaluate.evaluate(model, tok, texts, context, stride)
         config = json.loads((Path(path) / "config.json").read_text())
         rows.append({"label": label, "path": str(path), "form": describe(config),
-                     "parameters": int(get_total_parameters(model)),  # quantized ones unpacked
+                     "parameters": weight_count(model),
                      "weight_bytes": weight_bytes(model), **{k: r[k] for k in ("bits_per_byte", "nats_per_token",
                                                                                 "tokens", "context")}})
         models[label] = (model, tok.get_vocab_size(), context)
