@@ -12,6 +12,8 @@ COMMANDS = {
     "train": "train a skipless model",
     "normfree": "remove normalization from a skipless model by fine-tuning",
     "fidelity": "measure how a conversion survives low-precision dtypes",
+    "corpus": "build a Python training corpus with whole packages held out",
+    "evaluate": "bits per byte of a model on text, beside gzip, bz2 and xz",
 }
 
 

@@ -1,8 +1,10 @@
 """Text corpora for training: files in, token streams out.
 
 A corpus is any set of files or folders; `stdlib` names the running Python's
-standard library, a code corpus every machine has. Files go to the validation
-split by a hash of their path, so the split does not depend on file order.
+standard library, a code corpus every machine has, and a corpus directory built
+by `mlx_skipless.corpus` (`corpus`: the one in its default place) stands for its
+training split; its held-out packages are for evaluation only. Files go to the
+validation split by a hash of their path, so the split does not depend on file order.
 """
 
 import json
@@ -14,6 +16,8 @@ from typing import List, Sequence
 
 import numpy as np
 
+from . import corpus
+
 EOS = "<|endoftext|>"
 DEFAULT_PATTERNS = ("*.py", "*.txt", "*.md", "*.rst")
 MIN_VAL_TOKENS = 1024  # windows may overlap; they must fit
@@ -23,13 +27,19 @@ def stdlib_path() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[Path]:
+def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS,
+               split: str = "train") -> List[Path]:
     files = []
     for p in paths:
         if p == "stdlib" or p.startswith("stdlib/"):
             path = stdlib_path() / p.removeprefix("stdlib").lstrip("/")
+        elif p == "corpus":
+            path = corpus.DEFAULT_OUT.expanduser()
+            if not (path / corpus.MANIFEST).is_file():
+                raise FileNotFoundError(f"corpus: no corpus at {path}; build it: python -m mlx_skipless.corpus")
         else:
             path = Path(p).expanduser()
+        path = corpus.split_of(path, split)
         if path.is_file():
             files.append(path)
         elif path.is_dir():

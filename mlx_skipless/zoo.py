@@ -177,10 +177,9 @@ def _flags(options: dict):
     return out
 
 
-def run(name: str, size: str, out: Path, log=print) -> dict:
-    """Run a recipe's steps in order, each output feeding the next; returns the paths."""
-    from . import convert, generate, normfree, train
-
+def sized(name: str, size: str):
+    """(model config, [(step, options)]) of a recipe at one of its sizes: the size's
+    settings over the recipe's, over the zoo model's."""
     recipe = lookup(recipes(), name, "recipe")
     sizes = recipe.get("sizes", {})
     if size not in sizes:
@@ -188,12 +187,18 @@ def run(name: str, size: str, out: Path, log=print) -> dict:
     chosen = sizes[size]
     model = {**lookup(models(), recipe["model"], "model")["model"], **recipe.get("model_overrides", {}),
              **chosen.get("model", {})}
+    return model, [(s["step"], {**s.get("args", {}), **chosen.get(s["step"], {})}) for s in recipe["steps"]]
+
+
+def run(name: str, size: str, out: Path, log=print) -> dict:
+    """Run a recipe's steps in order, each output feeding the next; returns the paths."""
+    from . import convert, generate, normfree, train
+
+    model, steps = sized(name, size)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(json.dumps(model, indent=2))
     paths, source, latest = {}, None, None  # source: the newest unconverted checkpoint
-    for step in recipe["steps"]:
-        kind = step["step"]
-        options = {**step.get("args", {}), **chosen.get(kind, {})}
+    for kind, options in steps:
         target = out / kind
         log(f"[zoo] {name} ({size}): {kind}")
         if kind == "train":

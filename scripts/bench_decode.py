@@ -90,10 +90,10 @@ def bytes_read_per_token(model) -> int:
     return weight_bytes(model) - table + table // embed.weight.shape[0]
 
 
-def measure(models: dict, prompt: int, steps: int, warmup: int) -> dict:
+def measure(models: dict, prompt: int, steps: int, warmup: int, vocab: int = 1000) -> dict:
     names = list(models)
     caches = {n: make_prompt_cache(m) for n, m in models.items()}
-    tokens = mx.array(np.random.default_rng(1).integers(0, 1000, (1, prompt)))
+    tokens = mx.array(np.random.default_rng(1).integers(0, vocab, (1, prompt)))
     prefill = {}
     for n in names:
         mx.reset_peak_memory()

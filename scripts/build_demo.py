@@ -12,10 +12,31 @@ card beside the figures it produced:
     python scripts/build_demo.py                 # ~40 min on 2 CPU cores
     python scripts/build_demo.py --reuse-training
     python scripts/build_demo.py --card-only     # the card again, from the shipped model
+
+With `--size NAME` it builds a size of the zoo recipe zoo/recipes/skipless-python.toml
+instead (the recipe's settings, the size's over them) in WORK/NAME, on the Python corpus
+of `python -m mlx_skipless.corpus` (built first if missing): train, remove the norms,
+convert in bfloat16 and quantize, then score every stage on the corpus's held-out
+packages in bits per byte beside gzip, bz2 and xz and time its decoding
+(scripts/price_of_skiplessness.py), sample three fixed prompts, and write the card to
+WORK/NAME/README.md. Run the same command again to continue: training resumes from its
+last checkpoint (`train --resume`), and finished steps are kept. `--baseline` also trains
+the same model with residuals and pre-norms, for the price of skiplessness. The shipped
+demo changes only with `--ship`.
+
+    python scripts/build_demo.py --size corpus-tiny --baseline   # the build's smoke test
+    python scripts/build_demo.py --size flagship --baseline      # rerun until it is done
+
+What it costs, measured on a shared 2-core Linux x86_64 CPU with OpenBLAS preloaded: the
+corpus-tiny build with --baseline takes about 15 minutes, almost none of it training: each
+training and normfree command tokenizes the 53 MB corpus (about 2 minutes each), and the
+table scores the 0.7 MB of held-out packages once per model. The flagship size has not
+been trained yet, so what a larger budget buys is not measured here.
 """
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -24,6 +45,8 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlx_skipless.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mlx_skipless" / "demo" / "skipless-python"
@@ -37,20 +60,202 @@ SHIPPED = ("config.json", "model.safetensors", "model.safetensors.index.json", "
            "tokenizer_config.json")
 
 
-def run(args, work):
-    shown = "python " + " ".join(shlex.quote(a.replace(str(work), "WORK")) for a in args)
-    print(f"$ {shown}", flush=True)
-    out = subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True, text=True)
-    return shown, out.stdout
+def shown(args, work, names=()) -> str:
+    """`python ARGS` as the card shows it: WORK (and each (path, NAME) of `names`) for paths."""
+    text = " ".join(shlex.quote(a) for a in args)
+    for path, name in (*names, (work, "WORK")):
+        text = text.replace(str(path), name)
+    return "python " + text
+
+
+def run(args, work, stream=False, names=()):
+    """Run `python ARGS` in the repository; (the command as the card shows it, its stdout)."""
+    command = shown(args, work, names)
+    print(f"$ {command}", flush=True)
+    out = subprocess.run([sys.executable, *args], cwd=REPO, check=True, text=True,
+                         stdout=None if stream else subprocess.PIPE, stderr=None if stream else subprocess.PIPE)
+    return command, out.stdout
+
+
+# -- a size of the zoo recipe, on the Python corpus ----------------------------------------------
+
+RECIPE = "skipless-python"
+PROMPTS = ("def fibonacci(n):", "class Stack:", "import json")  # chosen before any model saw them
+
+
+def sized_steps(size: str, corpus_dir: Path):
+    """(model config, {step: options}) of the recipe at `size`, with the data name `corpus`
+    bound to `corpus_dir`."""
+    from mlx_skipless import zoo
+
+    model, steps = zoo.sized(RECIPE, size)
+    steps = dict(steps)
+    for options in steps.values():
+        if "data" in options:
+            options["data"] = [str(corpus_dir) if d == "corpus" else d for d in options["data"]]
+    return model, steps
+
+
+def trained_to(checkpoint: Path) -> int:
+    """The step a training checkpoint reached (0: none yet)."""
+    state = checkpoint / "trainer.json"
+    return json.loads(state.read_text()).get("step", 0) if state.exists() else 0
+
+
+def train_command(config: Path, out: Path, options: dict):
+    """The train command of `out` (add --resume to continue its checkpoint)."""
+    from mlx_skipless.zoo import _flags
+
+    return ["-m", "mlx_skipless.train", "--config", str(config), "--out", str(out), *_flags(options)]
+
+
+def stale(target: Path, source: Path) -> bool:
+    """`target` is missing or older than the checkpoint it was made from."""
+    made, used = target / "config.json", source / "model.safetensors"
+    return not made.exists() or made.stat().st_mtime < used.stat().st_mtime
+
+
+def build_size(size: str, work: Path, corpus_dir: Path, baseline: bool, ship: bool):
+    model, steps = sized_steps(size, corpus_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    names = [(corpus_dir, "CORPUS")]
+    commands = {}
+
+    def step(label, args, stream=False):
+        commands[label], out = run(args, work, stream, names)
+        return out
+
+    uses_corpus = any(str(corpus_dir) in o.get("data", []) for o in steps.values())
+    if uses_corpus and not (corpus_dir / "manifest.json").exists():
+        step("corpus", ["-m", "mlx_skipless.corpus", "--out", str(corpus_dir)], stream=True)
+    twins = {"with-norms": model}
+    if baseline:  # the same model as a standard transformer: residual adds and pre-norms
+        twins["residual"] = {**model, "residual": True, "block_norm": model.get("block_norm") or "rmsnorm",
+                             "shaped_attention": False}
+    for name, config in twins.items():
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(config, indent=2))
+        args, done = train_command(path, work / name, steps["train"]), trained_to(work / name)
+        if name != "with-norms":  # the same tokenizer, not merely the same recipe for one
+            args += ["--tokenizer", str(work / "with-norms" / "tokenizer.json")]
+        label = "train" if name == "with-norms" else f"train {name}"
+        if done >= steps["train"]["steps"]:
+            print(f"[INFO] {name}: trained ({done} steps)")
+            commands[label] = shown(args, work, names)
+        else:  # a new run, or the rest of an interrupted one
+            step(label, args + (["--resume"] if done else []), stream=True)
+            commands[label] = shown(args, work, names)
+    from mlx_skipless.zoo import _flags
+
+    runs = {"skipless": work / "with-norms", "norm-free": work / "norm-free"}
+    normfree = ["-m", "mlx_skipless.normfree", "--model", str(work / "with-norms"), "--out",
+                str(work / "norm-free"), "--force", *_flags(steps["normfree"])]
+    convert = ["-m", "mlx_skipless.convert", "--hf-path", str(work / "norm-free"), "--force"]
+    bits = steps["quantize"].get("q_bits", 4)
+    later = [("normfree", normfree, work / "norm-free", work / "with-norms"),
+             ("convert", convert + ["--mlx-path", str(work / "bf16"), *_flags(steps["convert"])],
+              work / "bf16", work / "norm-free"),
+             ("quantize", convert + ["--mlx-path", str(work / f"q{bits}"), "-q", *_flags(steps["quantize"])],
+              work / f"q{bits}", work / "norm-free")]
+    for label, args, target, source in later:
+        if stale(target, source):
+            step(label, args, stream=True)
+        else:
+            commands[label] = shown(args, work, names)
+    runs.update({"bf16": work / "bf16", f"q{bits}": work / f"q{bits}"})
+    if baseline:
+        runs = {"residual": work / "residual", **runs}
+    price = step("price", ["scripts/price_of_skiplessness.py", *[f"{k}={v}" for k, v in runs.items()],
+                           "--data", str(corpus_dir), "--json"])
+    samples = {}
+    for prompt in PROMPTS:
+        for how, extra in (("greedy", []), ("sampled", ["--temp", "0.8", "--top-p", "0.95", "--seed", "0"])):
+            samples[prompt, how] = step(f"generate, {how}: {prompt}", [
+                "-m", "mlx_skipless.generate", "--model", str(work / "bf16"), "--prompt", prompt,
+                "--max-tokens", "80", "--verbose", "false", *extra])
+    manifest = json.loads((corpus_dir / "manifest.json").read_text()) if uses_corpus else None
+    text = size_card(size, model, json.loads(price), commands, samples, manifest, work)
+    (work / "README.md").write_text(text)
+    print(f"[INFO] wrote {work / 'README.md'}")
+    if ship:
+        shutil.rmtree(DEMO, ignore_errors=True)
+        DEMO.mkdir(parents=True)
+        for name in SHIPPED:
+            shutil.copy(work / "norm-free" / name, DEMO / name)
+        (DEMO / "README.md").write_text(text)
+        print(f"[INFO] shipped {work / 'norm-free'} as {DEMO}")
+
+
+def size_card(size, model, price, commands, samples, manifest, work) -> str:
+    state = json.loads((work / "norm-free" / "trainer.json").read_text())
+    trained, nf = state["trained"], state["normfree"]
+    t = trained["options"]
+    weights = next(r["parameters"] for r in price["rows"] if r["label"] == "skipless")
+    blas = " with OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else ""
+    lines = [f"# skipless-python ({size}): a skipless, norm-free transformer that writes Python", "",
+             f"Built by `python scripts/build_demo.py --size {size}` on {price['machine']}{blas}, "
+             f"Python {platform.python_version()}.", "",
+             f"Model: d {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+             f"{model['num_attention_heads']} heads, FFN {model['intermediate_size']}, context {t['context']}, "
+             f"{weights:,} weights as trained; trained {trained['step']} steps of "
+             f"{t['batch_size']} x {t['context']} tokens to validation loss {trained['history'][-1]['val_loss']:.3f} "
+             f"nats/token; norms then removed ({nf['finetune_steps']} fine-tuning steps): "
+             f"{nf['val_loss_norm_free']:.3f}.", "",
+             "## Bits per byte on held-out packages, and decode speed", "",
+             "Held-out packages (never in training or the tokenizer): "
+             + (", ".join(f"{e['package']} {e['version']}" for e in manifest["packages"] if e["split"] == "heldout")
+                if manifest else "(files given)") + ".", "",
+             price_table(price, commands["price"]), "",
+             "## Commands (WORK: the build directory; CORPUS: the corpus directory)", "",
+             *[f"- {k}: `{v}`" for k, v in commands.items()], "",
+             "## Samples from the converted bfloat16 model (prompts chosen before training)", ""]
+    for (prompt, how), text in samples.items():
+        lines += [f"{how.capitalize()}, `{prompt}`:", "", "```python", prompt + text.rstrip(), "```", ""]
+    if manifest:
+        lines += ["## Corpus manifest", "",
+                  f"Python {manifest['python']}; training {manifest['splits']['train']['bytes']:,} bytes in "
+                  f"{manifest['splits']['train']['files']} files, held out {manifest['splits']['heldout']['bytes']:,} "
+                  f"bytes in {manifest['splits']['heldout']['files']} files.", "",
+                  "| package | version | licence | split | files | bytes | wheel sha256 |", "|---|---|---|---|---|---|---|",
+                  *[f"| {e['package']} | {e['version']} | {e['licence']} | {e['split']} | {e['files']} | "
+                    f"{e['bytes']:,} | {(e['sha256'] or '')[:16]} |" for e in manifest["packages"]], ""]
+    return "\n".join(lines)
+
+
+def price_table(price, command) -> str:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from price_of_skiplessness import markdown
+
+    return markdown(price, command.removesuffix(" --json")).rstrip()
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--work", default="demo-work", help="scratch directory (default: demo-work)")
     p.add_argument("--reuse-training", action="store_true", help="keep WORK/with-norms if present")
     p.add_argument("--card-only", action="store_true",
                    help="keep the shipped model; redo the conversions, samples and card")
+    p.add_argument("--size", help="build this size of zoo/recipes/skipless-python.toml in WORK/SIZE instead")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS),
+                   help=f"with --size: the corpus directory, built if missing (default: {DEFAULT_CORPUS})")
+    p.add_argument("--baseline", action="store_true",
+                   help="with --size: also train the same model with residuals and pre-norms")
+    p.add_argument("--ship", action="store_true", help="with --size: make the result the packaged demo")
     o = p.parse_args()
+    if o.size:
+        try:
+            sized_steps(o.size, Path(o.corpus))
+        except KeyError as e:
+            p.error(e.args[0])
+        try:
+            build_size(o.size, Path(o.work).resolve() / o.size, Path(o.corpus).expanduser().resolve(),
+                       o.baseline, o.ship)
+        except subprocess.CalledProcessError as e:
+            print((e.stderr or "")[-2000:] + f"error: {shlex.join(e.cmd[1:])} failed (exit status "
+                  f"{e.returncode}); run the same command again to continue", file=sys.stderr)
+            return 1
+        return 0
     work = Path(o.work).resolve()
     work.mkdir(exist_ok=True)
     commands = {}
@@ -136,4 +341,4 @@ def card(state, reports, commands, sample, sampled) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Issue 17: scripts/price_of_skiplessness.py puts a residual pre-norm model, a skipless one
+and its conversion in one table of bits per byte (as mlx_skipless.evaluate scores them)
+and decode tokens/s. Timings are not asserted."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import build, tiny_args
+from mlx_skipless import data, evaluate, synthetic, train
+from mlx_skipless.convert import convert
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "price_of_skiplessness.py"
+TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+         "class Stack:\n    def __init__(self):\n        self.items = []\n"]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("price_of_skiplessness", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
+    tok = data.train_tokenizer(TEXTS * 4, 280)
+    eos = tok.token_to_id(data.EOS)
+    runs = {}
+    for label, kw in {"residual": dict(residual=True, block_norm="rmsnorm"),
+                      "skipless": dict(shaped_attention=True)}.items():
+        args = tiny_args(vocab_size=tok.get_vocab_size(), max_position_embeddings=32, final_norm="rmsnorm", **kw)
+        model = build(args, synthetic.random_flat(args, seed=1))
+        train.save(tmp_path / label, model, args, tok, None, {"step": 0}, eos)
+        runs[label] = tmp_path / label
+    quiet = dict(progress=False, log=lambda *_: None)
+    convert(str(runs["skipless"]), str(tmp_path / "bf16"), dtype="bfloat16", **quiet)
+    convert(str(runs["skipless"]), str(tmp_path / "q4"), quantize=True, q_group_size=32, allow_degraded=True, **quiet)
+    runs.update(bf16=tmp_path / "bf16", q4=tmp_path / "q4")
+    held = tmp_path / "held"
+    held.mkdir()
+    for i, t in enumerate(TEXTS):
+        (held / f"f{i}.py").write_text(t)
+
+    argv = [f"{k}={v}" for k, v in runs.items()] + ["--data", str(held), "--steps", "3", "--warmup", "1",
+                                                     "--json", "--markdown", str(tmp_path / "t.md")]
+    assert script().main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert [r["form"] for r in result["rows"]] == ["residual, pre-norm", "skipless, norm-free",
+                                                    "converted, bfloat16", "converted, 4-bit"]
+    model, tok2, context = evaluate.load(str(runs["residual"]))
+    expected = evaluate.evaluate(model, tok2, data.read_texts(sorted(held.glob("*.py"))), context)
+    assert rows["residual"]["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
+    assert rows["bf16"]["bits_per_byte"] == pytest.approx(rows["skipless"]["bits_per_byte"], rel=0.05)
+    assert rows["q4"]["parameters"] == rows["bf16"]["parameters"] < rows["skipless"]["parameters"]  # no Q, P
+    assert rows["q4"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
+    assert all(r["decode_tokens_per_s"]["median"] > 0 for r in rows.values())
+    assert result["compressors"] == expected["compressors"]
+    table = (tmp_path / "t.md").read_text()
+    assert "| bf16 | converted, bfloat16 |" in table and "| xz -9e | compressor |" in table
+
+    with pytest.raises(SystemExit):  # argparse: LABEL=DIR expected
+        script().main(["residual", "--data", str(held)])
+    assert script().main([f"x={tmp_path / 'missing'}", "--data", str(held)]) == 1
