@@ -14,7 +14,7 @@ import pytest
 
 import reference
 from harness import build, tiny_args
-from mlx_skipless import data, evaluate, layout, synthetic, train
+from mlx_skipless import data, evaluate, layout, modeldir, synthetic
 
 TEXTS = ["def f(x):\n    return x + 1  # café\n", "class Stack:\n    def push(self, v):\n        self.items.append(v)\n",
          "import json\nprint(json.dumps({'ü': [1, 2, 3]}))\n"]
@@ -78,7 +78,8 @@ def test_command_scores_vanilla_converted_and_quantized_models(setup, tmp_path, 
     args = replace(args, max_position_embeddings=16)
     model = build(args, flat)
     vanilla = tmp_path / "vanilla"
-    train.save(vanilla, model, args, tok, None, {"step": 0}, tok.token_to_id(data.EOS))
+    vanilla.mkdir()
+    modeldir.save(vanilla, model, args, "train", tok)
     files = tmp_path / "heldout"
     files.mkdir()
     for i, t in enumerate(TEXTS):

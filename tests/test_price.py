@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import build, tiny_args
-from mlx_skipless import data, evaluate, synthetic, train
+from mlx_skipless import data, evaluate, modeldir, synthetic
 from mlx_skipless.convert import convert
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "price_of_skiplessness.py"
@@ -26,13 +26,13 @@ def script():
 
 def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
     tok = data.train_tokenizer(TEXTS * 4, 280)
-    eos = tok.token_to_id(data.EOS)
     runs = {}
     for label, kw in {"residual": dict(residual=True, block_norm="rmsnorm"),
                       "skipless": dict(shaped_attention=True)}.items():
         args = tiny_args(vocab_size=tok.get_vocab_size(), max_position_embeddings=32, final_norm="rmsnorm", **kw)
         model = build(args, synthetic.random_flat(args, seed=1))
-        train.save(tmp_path / label, model, args, tok, None, {"step": 0}, eos)
+        (tmp_path / label).mkdir()
+        modeldir.save(tmp_path / label, model, args, "train", tok)
         runs[label] = tmp_path / label
     quiet = dict(progress=False, log=lambda *_: None)
     convert(str(runs["skipless"]), str(tmp_path / "bf16"), dtype="bfloat16", **quiet)
