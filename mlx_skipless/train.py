@@ -8,7 +8,8 @@ the step, and the optimizer state is saved with the weights.
 What makes a skipless stack train (He & Hofmann 2023; He et al. 2023): square
 projections start orthogonal, so every block starts close to an isometry and
 signal neither dies nor explodes without residuals; `--orthogonality` keeps the
-matrices a later conversion inverts well-conditioned (DESIGN §3).
+matrices a later conversion inverts well-conditioned (the inverse amplifies
+rounding in the stored dtype by up to the condition number).
 """
 
 import argparse

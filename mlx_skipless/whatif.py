@@ -2,7 +2,8 @@
 
 A model trained with residuals and norms is not skipless, and removing them
 changes its function: the what-if is no language model. It keeps what fusion
-numerics depend on: real, trained, often ill-conditioned matrices (DESIGN §3).
+numerics depend on: real, trained, often ill-conditioned matrices (an inverted
+matrix amplifies rounding by up to its condition number).
 Each RMSNorm gain folds into the matrices that read it; each normalization
 becomes one scalar, chosen so that activations have RMS 1 on probe tokens, as
 the norm would have made them. Scalars commute with fusion, so conditioning is
