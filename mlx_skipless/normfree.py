@@ -19,7 +19,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import data, train
+from . import cli, data, train
 from .models.skipless import Model, ModelArgs
 from .norms import FixedNorm, ScaleRecorder, center_output, fold
 
@@ -163,7 +163,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless normfree", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a checkpoint written by mlx_skipless.train")
     p.add_argument("--data", nargs="+", default=["stdlib"], help="text files or folders, or stdlib")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    cli.add_output_arg(p, "output checkpoint directory", required=True)
     p.add_argument("--steps-per-norm", type=int, default=20)
     p.add_argument("--final-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -174,21 +174,17 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    out = Path(o.out)
-    try:
-        if out.exists() and not o.force:
-            raise ValueError(f"{out} exists; pass --force to overwrite it")
-        model, args, tok, state = train.load_checkpoint(Path(o.model))
-        context = state.get("options", {}).get("context", args.max_position_embeddings)
-        corpus = data.Corpus.build(o.data, tok)
-        folded, new_args, report = remove_norms(
-            model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
-            o.calibration_batches, o.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+@cli.command(build_parser)
+def main(o):
+    out = Path(o.mlx_path)
+    if out.exists() and not o.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    model, args, tok, state = train.load_checkpoint(Path(o.model))
+    context = state.get("options", {}).get("context", args.max_position_embeddings)
+    corpus = data.Corpus.build(o.data, tok)
+    folded, new_args, report = remove_norms(
+        model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
+        o.calibration_batches, o.seed)
     report["source"] = str(o.model)
     train.save(out, folded, new_args, tok, None, {"normfree": report, "trained": state}, tok.token_to_id(data.EOS))
     print(f"[INFO] wrote {out}")

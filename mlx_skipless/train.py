@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import data, families
+from . import cli, data, families
 from .checkpoint import staged_directory
 from .models.skipless import Model, ModelArgs
 
@@ -198,8 +198,8 @@ def build_parser():
     p.add_argument("--config", help="model config: JSON or TOML with ModelArgs (HF) names")
     p.add_argument("--data", nargs="+", default=["stdlib"],
                    help="text files or folders; 'stdlib' is this Python's standard library")
-    p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    cli.add_output_arg(p, "checkpoint directory", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --mlx-path")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train byte-level BPE)")
     p.add_argument("--vocab-size", type=int, default=1024, help="for a trained tokenizer")
     p.add_argument("--steps", type=int, default=2000)
@@ -220,37 +220,33 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    out = Path(o.out)
+@cli.command(build_parser)
+def main(o):
+    out = Path(o.mlx_path)
     optimizer_state = None
-    try:
-        if o.resume:
-            model, args, tok, state = load_checkpoint(out)
-            optimizer_state = load_optimizer_state(out)
-            o.context = state["options"]["context"]
-            print(f"[INFO] resuming {out} at step {state['step']}")
+    if o.resume:
+        model, args, tok, state = load_checkpoint(out)
+        optimizer_state = load_optimizer_state(out)
+        o.context = state["options"]["context"]
+        print(f"[INFO] resuming {out} at step {state['step']}")
+    else:
+        if not o.config:
+            raise ValueError("--config is required for a new run")
+        if out.exists():
+            raise ValueError(f"{out} exists; use --resume to continue it")
+        fields = read_model_config(o.config)
+        if o.tokenizer:
+            tok = data.load_tokenizer(o.tokenizer)
         else:
-            if not o.config:
-                raise ValueError("--config is required for a new run")
-            if out.exists():
-                raise ValueError(f"{out} exists; use --resume to continue it")
-            fields = read_model_config(o.config)
-            if o.tokenizer:
-                tok = data.load_tokenizer(o.tokenizer)
-            else:
-                files = data.find_files(o.data)
-                print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
-                tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
-            fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
-            args = ModelArgs(**fields)
-            model = Model(args)
-            initialize(model, o.seed, o.q_init_scale)
-            state = None
-        corpus = data.Corpus.build(o.data, tok, o.val_fraction)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            files = data.find_files(o.data)
+            print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
+            tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
+        fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
+        args = ModelArgs(**fields)
+        model = Model(args)
+        initialize(model, o.seed, o.q_init_scale)
+        state = None
+    corpus = data.Corpus.build(o.data, tok, o.val_fraction)
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
           f"validation tokens from {corpus.files} files")

@@ -23,6 +23,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 import numpy as np
 
+from . import cli
 from .models.skipless import Block, ModelArgs
 
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -126,22 +127,21 @@ def write(out: Path, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
                         {k: mx.array(v.astype(np.float32)) for k, v in flat.items()}, metadata={"format": "mlx"})
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless whatif", description=__doc__.split("\n\n")[0])
-    p.add_argument("gguf", help="a llama-architecture .gguf file")
-    p.add_argument("out", help="directory for the skipless checkpoint")
+    p.add_argument("--model", required=True, help="a llama-architecture .gguf file")
+    cli.add_output_arg(p, "directory for the skipless checkpoint", required=True)
     p.add_argument("--layers", type=int, default=6, help="keep the first N blocks (default 6)")
-    o = p.parse_args(argv)
-    try:
-        args, flat = from_llama_gguf(o.gguf, o.layers)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+@cli.command(build_parser)
+def main(o):
+    args, flat = from_llama_gguf(o.model, o.layers)
     scales = rms_calibrate(args, flat)
-    write(Path(o.out), args, flat, Path(o.gguf).name)
-    print(f"[INFO] wrote {o.out}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
+    write(Path(o.mlx_path), args, flat, Path(o.model).name)
+    print(f"[INFO] wrote {o.mlx_path}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
           f"{min(scales):.3g} to {max(scales):.3g}")
-    return 0
 
 
 if __name__ == "__main__":
