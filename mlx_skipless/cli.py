@@ -97,6 +97,17 @@ def guarded(body, verbose=False) -> int:
         return getattr(e, "exit_code", 1)
 
 
+def _add_verbose(parser, default):
+    """--verbose on the parser and its subcommands, unless the command has its own."""
+    if "--verbose" not in parser._option_string_actions:
+        parser.add_argument("--verbose", "-v", action="store_true", default=default,
+                            help="print the full traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub, argparse.SUPPRESS)  # the top level's default stands
+
+
 def command(build_parser):
     """Make `main(argv=None, **kwargs)` from `body(opts, **kwargs)`: parse with
     build_parser() (which gains --verbose unless it has its own), then run the body
@@ -106,9 +117,7 @@ def command(build_parser):
         @functools.wraps(body)
         def main(argv=None, **kwargs):
             parser = build_parser()
-            if "--verbose" not in parser._option_string_actions:
-                parser.add_argument("--verbose", "-v", action="store_true",
-                                    help="print the full traceback of an error")
+            _add_verbose(parser, default=False)
             opts = parser.parse_args(argv)
             return guarded(lambda: body(opts, **kwargs), getattr(opts, "verbose", False) is True)
 
@@ -134,14 +143,14 @@ def parsers():
 
 
 def flag_table() -> str:
-    """Markdown: every command and its flags (old aliases and --help left out)."""
+    """Markdown: every command and its flags (hidden old spellings and --help left out)."""
     lines = ["| command | arguments and flags |", "|---|---|"]
     for name, parser in parsers():
         items = []
         for a in parser._actions:
             if a.help == argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
                 continue
-            items.append(f"`{a.option_strings[0]}`" if a.option_strings else f"`{a.metavar or a.dest}`")
+            items.append("/".join(f"`{s}`" for s in a.option_strings) or f"`{(a.metavar or a.dest).upper()}`")
         lines.append(f"| `mlx-skipless {name}` | {', '.join(items)} |")
     return "\n".join(lines) + "\n"
 
