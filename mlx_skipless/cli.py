@@ -31,12 +31,12 @@ COMMANDS = {
 # -- flags spelled once, as mlx-lm spells them --------------------------------------------------
 
 
-def add_model_args(p, help, default=None, required=False, hub=True):
-    """The input model: --model, and where it may come from the hub, --revision;
-    --assume-skipless for checkpoints that do not declare themselves skipless."""
-    p.add_argument("--model", default=default, required=required, help=help)
-    if hub:
-        p.add_argument("--revision", help="hub revision: branch, tag or commit")
+def add_model_args(p, help, default=None, flags=("--model",)):
+    """The model read: --model (convert: --hf-path, as mlx-lm's convert), where it
+    may come from the hub --revision, and --assume-skipless for checkpoints that
+    do not declare themselves skipless."""
+    p.add_argument(*flags, default=default, help=help)
+    p.add_argument("--revision", help="hub revision: branch, tag or commit")
     p.add_argument("--assume-skipless", action="store_true",
                    help="treat a checkpoint not marked \"skipless\": true as skipless")
     p.add_argument("--trust-remote-code", action="store_true",

@@ -454,9 +454,8 @@ Q_MODES = {"affine": (4, 64), "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 3
 
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf-path", "--model", help="local directory or Hugging Face repo id "
-                   "(default: the packaged demo model)")
-    p.add_argument("--revision", help="hub revision: branch, tag or commit")
+    cli.add_model_args(p, "local directory or Hugging Face repo id (default: the packaged demo model)",
+                       flags=("--hf-path", "--model"))
     p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
     p.add_argument("--remove", choices=["auto", "q", "k", "v"], default="auto",
                    help="matrix to fuse away per block (default auto: per layer the best-"
@@ -467,10 +466,6 @@ def build_parser():
     p.add_argument("--q-bits", type=int, help="with -q: bits per weight (default: the mode's, 4 for affine)")
     p.add_argument("--q-group-size", type=int, help="with -q: group size (default: the mode's, 64 for affine)")
     p.add_argument("--q-mode", choices=list(Q_MODES), help="with -q: quantization mode (default affine)")
-    p.add_argument("--assume-skipless", action="store_true",
-                   help="treat a checkpoint not marked \"skipless\": true as skipless")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted as in mlx-lm; not needed: mlx-skipless runs its own model code")
     p.add_argument("--verify", dest="verify_output", action=argparse.BooleanOptionalAction, default=True,
                    help="compare converted and original logits (default on)")
     p.add_argument("--budget-kl-ratio", type=float, default=verify.Budget.kl_ratio,
