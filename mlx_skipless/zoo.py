@@ -4,7 +4,8 @@
   show NAME            config, weights per component before and after each exact
                        reduction, savings, predicted batch-1 speedup, recipes
   table                every model side by side; --out DIR also writes Markdown and an SVG chart
-  run RECIPE           run a recipe's steps (--size tiny runs in minutes on a laptop CPU)
+  run RECIPE           run a recipe's steps (--size tiny runs in minutes on a laptop CPU);
+                       again: --resume continues its training, --force starts over
 
 Counts are of the skipless what-if of each architecture (same shapes, no residual
 adds, no norms between blocks): the only form the fusion applies to.
