@@ -43,7 +43,6 @@ def one_error_line(capsys, message=""):
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-    (["--max-tokens", "-1"], "--max-tokens must be at least 1"),
     (["--prompt", ""], "the prompt is empty"),
     (["--max-kv-size", "0"], "--max-kv-size must be at least 1"),
     (["--kv-bits", "3"], "--kv-group-size must divide the head dimension 16"),
@@ -61,10 +60,14 @@ def test_invalid_utf8_on_stdin_is_one_line(demo, capsys, monkeypatch):
     one_error_line(capsys, "stdin is not UTF-8 text")
 
 
-def test_learned_positions_stop_at_the_context(tmp_path, capsys):
+def test_generation_is_bounded(tmp_path, capsys):
     args, flat = hf.case("gpt2", seed=2)
     src = hf.write(tmp_path / "gpt2", "gpt2", args, flat)
     limit = args.max_position_embeddings
+    # mlx-lm reads -1 as "no limit": past learned positions that never stopped
+    run = subprocess.run([sys.executable, "-m", "mlx_skipless.generate", "--model", str(src), "--max-tokens", "-1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip() == "error: --max-tokens must be at least 1, not -1"
     assert generate_cli.main(["--model", str(src), "--prompt", "x", "--max-tokens", "100000",
                               "--verbose", "false"]) == 0
     assert f"the context ends at {limit}" in capsys.readouterr().err
@@ -95,11 +98,11 @@ def test_every_command_fails_in_one_line_through_the_dispatcher(tmp_path, capsys
     assert getattr(__import__(f"mlx_skipless.{argv[0]}", fromlist=["main"]).main, "build_parser", None)
 
 
-def test_a_closed_pipe_ends_quietly():
+def test_a_closed_pipe_ends_quietly(tmp_path):
     read, write = os.pipe()
     os.close(read)  # `| head` that has already exited: every write fails
     run = subprocess.run([sys.executable, "-m", "mlx_skipless.zoo", "show", "mistral-7b", "--json"],
-                         stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+                         cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert "BrokenPipeError" not in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert run.returncode == 141
@@ -197,7 +200,7 @@ def test_converted_demo_has_a_chat_template_that_changes_no_prompt(demo):
     assert generate_cli.encode_prompt(tokenizer, prompt) == tokenizer.encode(prompt)
     run = subprocess.run([sys.executable, "-m", "mlx_lm", "chat", "--model", str(demo), "--trust-remote-code",
                           "--max-tokens", "4"],
-                         input="import os\nq\n", capture_output=True, text=True, timeout=300)
+                         cwd=demo, input="import os\nq\n", capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
 
 
