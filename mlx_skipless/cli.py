@@ -66,6 +66,8 @@ def message(e: BaseException) -> str:
         return "input nested too deeply"
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     text = " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(e).__name__
+    if isinstance(e, KeyError) and " " not in text:  # a bare key from a lookup, not a sentence
+        text = f"missing {text!r}"
     if isinstance(e, (ValueError, OSError, KeyError, CommandError)):  # bad input, files, network
         return text
     return f"{type(e).__name__}: {text} (unexpected: rerun with --verbose for the traceback)"

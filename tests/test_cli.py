@@ -80,6 +80,19 @@ def test_verbose_shows_the_traceback(demo, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_errors_are_said_by_kind(capsys):
+    assert cli.message(KeyError("model.norm.weight")) == "missing 'model.norm.weight'"
+    assert cli.message(ValueError("line one\n  line two")) == "line one line two"
+    assert cli.message(RecursionError()) == "input nested too deeply"
+    assert "unexpected: rerun with --verbose" in cli.message(TypeError("a bug"))
+
+    def degraded():
+        raise convert_cli.DegradedError("clearly worse")
+
+    assert cli.guarded(degraded) == 3
+    assert capsys.readouterr().err == "error: clearly worse\n"
+
+
 @pytest.mark.parametrize("argv", [
     ["convert", "--hf-path", "MISSING", "--mlx-path", "OUT"],
     ["generate", "--model", "MISSING"],
