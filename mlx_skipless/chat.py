@@ -7,24 +7,15 @@ Type `q` to quit and `r` to reset the conversation.
 import argparse
 import sys
 
-import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
-from .checkpoint import CheckpointError
-from .generate import DEFAULT_MODEL, prompt_cache
-from .loading import load
+from . import cli
+from .generate import add_generation_args, check_generation_args, load_for_generation, prompt_cache, sampler_of
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="converted directory, skipless checkpoint or hub id")
-    p.add_argument("--system-prompt", help="system message for the chat template")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-kv-size", type=int)
+    add_generation_args(p, max_tokens=256)
     return p
 
 
@@ -37,17 +28,16 @@ def turn_tokens(tokenizer, text, system_prompt, first):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def main(argv=None, read=input, write=print):
-    opts = build_parser().parse_args(argv)
-    if opts.seed is not None:
-        mx.random.seed(opts.seed)
-    try:
-        model, tokenizer = load(opts.model)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    sampler = make_sampler(opts.temp, opts.top_p)
-    cache, first = prompt_cache(model, opts.max_kv_size), True
+@cli.command(build_parser)
+def main(opts, read=input, write=print):
+    check_generation_args(opts)
+    model, tokenizer = load_for_generation(opts)
+    sampler = sampler_of(opts)
+
+    def new_cache():
+        return prompt_cache(model, opts.max_kv_size)
+
+    cache, first = new_cache(), True
     write(f"[INFO] chatting with {opts.model}; 'q' quits, 'r' resets")
     while True:
         try:
@@ -57,12 +47,16 @@ def main(argv=None, read=input, write=print):
         if text.strip() == "q":
             return 0
         if text.strip() == "r":
-            cache, first = prompt_cache(model, opts.max_kv_size), True
+            cache, first = new_cache(), True
             continue
         tokens = turn_tokens(tokenizer, text, opts.system_prompt, first)
+        if len(tokens) == 0:
+            continue
         first = False
         for response in stream_generate(model, tokenizer, tokens, max_tokens=opts.max_tokens,
-                                        sampler=sampler, prompt_cache=cache):
+                                        sampler=sampler, prompt_cache=cache, kv_bits=opts.kv_bits,
+                                        kv_group_size=opts.kv_group_size,
+                                        quantized_kv_start=opts.quantized_kv_start):
             write(response.text, end="", flush=True)
         write()
 

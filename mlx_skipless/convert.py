@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__, counting, fusion, layout, modeldir, planner, verify
+from . import __version__, cli, counting, fusion, layout, modeldir, planner, verify
 from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer
 from .loading import SkiplessCheckpoint, block_module, check_quantization, load_tokenizer, shell_module, store
 
@@ -25,8 +25,10 @@ UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 ORIGINALS = ("original", "original_stored")
 
 
-class DegradedError(RuntimeError):
+class DegradedError(cli.CommandError):
     """The converted model is clearly worse than the original stored the same way."""
+
+    exit_code = 3
 
 
 def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
@@ -38,7 +40,7 @@ def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
 
 def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: str = "auto",
             dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
-            q_group_size: int = 64, assume_skipless: bool = False, verify_output: bool = True,
+            q_group_size: int = 64, q_mode: str = "affine", assume_skipless: bool = False, verify_output: bool = True,
             allow_degraded: bool = False, force: bool = False, upload_repo: Optional[str] = None,
             revision: Optional[str] = None, budget: Optional[verify.Budget] = None,
             probe_batch: int = verify.PROBE_BATCH, progress: bool = True, log=print) -> dict:
@@ -61,10 +63,11 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     dtype = dtype or ckpt.dtype()
     if dtype not in verify.DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")
-    quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None
+    quant = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode} if quantize else None
     budget = budget or verify.Budget()
     args = ckpt.args
-    stored_as = dtype + (f", {q_bits}-bit (group {q_group_size})" if quant else "")
+    mode = "" if q_mode == "affine" else f" {q_mode}"
+    stored_as = dtype + (f", {q_bits}-bit{mode} (group {q_group_size})" if quant else "")
     log(f"[INFO] {source}: {ckpt.family}, {args.num_hidden_layers} layers, d={args.hidden_size}, "
         f"{'parallel' if args.parallel_block else 'serial'} blocks -> {stored_as}")
 
@@ -104,7 +107,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         if result.verification:
             report["verification"] = result.verification
         result.writer.close(counting.count(result.args)["total"])
-        _write_metadata(staging, ckpt, result.args, dtype, quant, report)
+        _write_metadata(staging, ckpt, result.args, dtype, quant, report, upload_repo or str(out))
         _log_report(report, log)
         if result.verification and result.verification["degraded"] and not allow_degraded:
             raise DegradedError(
@@ -328,12 +331,12 @@ def _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant):
     }
 
 
-def _write_metadata(staging, ckpt, new_args, dtype, quant, report):
+def _write_metadata(staging, ckpt, new_args, dtype, quant, report, model="PATH"):
     tokens = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ckpt.config}
     quantization = {"quantization": quant, "quantization_config": quant} if quant else {}
     modeldir.write_config(staging, new_args, "convert", dtype, conversion=report, **tokens, **quantization)
     copy_tokenizer(ckpt.path, staging)
-    (staging / "README.md").write_text(model_card(report))
+    (staging / "README.md").write_text(model_card(report, model))
 
 
 def verification_rows(v):
@@ -347,13 +350,15 @@ def verification_rows(v):
     return rows
 
 
-def model_card(report) -> str:
+def model_card(report, model="PATH") -> str:
+    """The README.md of a converted model; its commands name `model` (where it was written or uploaded)."""
     lines = ["---", "library_name: mlx", "pipeline_tag: text-generation", "tags: [mlx, skipless]", "---", ""]
     lines += card_body(report)
     lines += [
-        "## Use", "", "```bash", "pip install mlx-skipless",
-        "mlx-skipless generate --model PATH --prompt 'def fib(n):'",
-        "# or with stock mlx-lm:", "mlx_lm generate --model PATH --trust-remote-code --prompt 'def fib(n):'",
+        "## Use", "", "mlx-skipless is not on PyPI: install it from a checkout of its repository "
+        "(`pip install ./mlx-skipless`), or run the model with stock mlx-lm.", "", "```bash",
+        f"mlx-skipless generate --model {model} --prompt 'def fib(n):'",
+        "# or with stock mlx-lm:", f"mlx_lm generate --model {model} --trust-remote-code --prompt 'def fib(n):'",
         "```", "",
         "The full report, the plans tried included: `conversion` in config.json.", "",
     ]
@@ -427,27 +432,34 @@ def _upload(path: Path, repo: str):
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    try:
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    except Exception as e:  # network, credentials, hub: any of them leaves the model written
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise OSError(f"uploading to {repo} failed ({first.strip()}); the converted model is kept in "
+                      f"{path}: upload it later with `hf upload {repo} {path}`") from e
     print(f"[INFO] uploaded to https://huggingface.co/{repo}")
+
+
+# mlx-lm's defaults per quantization mode: (bits, group size)
+Q_MODES = {"affine": (4, 64), "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf-path", help="local directory or Hugging Face repo id "
-                   "(default: the packaged demo model)")
-    p.add_argument("--revision", help="hub revision: branch, tag or commit")
+    cli.add_model_args(p, "local directory or Hugging Face repo id (default: the packaged demo model)",
+                       flags=("--hf-path", "--model"))
     p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
     p.add_argument("--remove", choices=["auto", "q", "k", "v"], default="auto",
                    help="matrix to fuse away per block (default auto: per layer the best-"
                    "conditioned square one, or none where the converted model would be over the "
                    "fidelity budget in the target dtype)")
     p.add_argument("--dtype", choices=sorted(verify.DTYPES), help="default: the checkpoint's")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (mlx affine)")
-    p.add_argument("--q-bits", type=int, default=4)
-    p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--assume-skipless", action="store_true",
-                   help="treat a checkpoint not marked \"skipless\": true as skipless")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights as mlx-lm does")
+    p.add_argument("--q-bits", type=int, help="with -q: bits per weight (default: the mode's, 4 for affine)")
+    p.add_argument("--q-group-size", type=int, help="with -q: group size (default: the mode's, 64 for affine)")
+    p.add_argument("--q-mode", choices=list(Q_MODES), help="with -q: quantization mode (default affine)")
     p.add_argument("--verify", dest="verify_output", action=argparse.BooleanOptionalAction, default=True,
                    help="compare converted and original logits (default on)")
     p.add_argument("--budget-kl-ratio", type=float, default=verify.Budget.kl_ratio,
@@ -467,18 +479,22 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    opts = vars(build_parser().parse_args(argv))
+@cli.command(build_parser)
+def main(opts):
+    opts = vars(opts)
+    opts.pop("verbose")
+    opts.pop("trust_remote_code")
+    mode = opts.pop("q_mode")
+    if not opts["quantize"]:
+        given = [f for f, v in (("--q-bits", opts["q_bits"]), ("--q-group-size", opts["q_group_size"]),
+                                ("--q-mode", mode)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} without -q/--quantize: add -q to quantize")
+    bits, group_size = Q_MODES[mode or "affine"]
+    opts.update(q_mode=mode or "affine", q_bits=opts["q_bits"] or bits,
+                q_group_size=opts["q_group_size"] or group_size)
     opts["budget"] = verify.Budget(opts.pop("budget_kl_ratio"), opts.pop("budget_top1"))
-    try:
-        convert(**opts)
-    except (CheckpointError, fusion.FusionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except DegradedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    convert(**opts)
 
 
 if __name__ == "__main__":

@@ -74,12 +74,19 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     return tok
 
 
+# A base model has no roles: its chat template renders the messages' text as it is, so
+# a prompt gives the same tokens with or without it, and mlx_lm chat (which needs a
+# template) runs the model as a plain continuation of what the user types.
+PLAIN_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
 def save_tokenizer(tok, directory: Path, context: int):
     directory = Path(directory)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-        "unk_token": EOS, "model_max_length": context, "clean_up_tokenization_spaces": False}, indent=2))
+        "unk_token": EOS, "model_max_length": context, "clean_up_tokenization_spaces": False,
+        "chat_template": PLAIN_CHAT_TEMPLATE}, indent=2))
 
 
 def load_tokenizer(path: Path):

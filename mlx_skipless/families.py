@@ -5,7 +5,7 @@ tensor of the skipless model, which checkpoint tensors it is made of, their
 expected shapes, and how (gpt-fast's weight-name templates). Reading, checking
 and fusing are generic. A skipless checkpoint of a family is the family's own
 architecture with every residual add and every norm inside the chain removed
-(DESIGN §4), so its files simply lack the block norms.
+(a final norm before the head may stay), so its files simply lack the block norms.
 """
 
 import json

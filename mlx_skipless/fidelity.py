@@ -13,9 +13,9 @@ import json
 import sys
 import tempfile
 
+from . import cli
 from .checkpoint import CheckpointError
 from .convert import DEFAULT_SOURCE, condition_numbers, convert
-from .fusion import FusionError
 from .loading import SkiplessCheckpoint
 from .verify import PROBE_BATCH, PROBE_LENGTH
 
@@ -24,8 +24,8 @@ TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16
 
 
 def measure(source: str, targets, remove="auto", assume_skipless=False, group_size=64,
-            probe_batch=PROBE_BATCH) -> dict:
-    ckpt = SkiplessCheckpoint(source, assume_skipless=assume_skipless)
+            probe_batch=PROBE_BATCH, revision=None) -> dict:
+    ckpt = SkiplessCheckpoint(source, revision, assume_skipless)
     out = {"source": source, "condition_numbers": condition_numbers(ckpt), "dtypes": {}}
     for name in targets:
         dtype, bits = TARGETS[name]
@@ -33,7 +33,7 @@ def measure(source: str, targets, remove="auto", assume_skipless=False, group_si
             try:
                 report = convert(source, f"{tmp}/out", remove=remove, dtype=dtype, quantize=bool(bits),
                                  q_bits=bits or 4, q_group_size=group_size, assume_skipless=assume_skipless,
-                                 allow_degraded=True, probe_batch=probe_batch, progress=False,
+                                 allow_degraded=True, revision=revision, probe_batch=probe_batch, progress=False,
                                  log=lambda *_: None)
             except CheckpointError as e:  # e.g. the original itself overflows float16
                 out["dtypes"][name] = {"error": str(e)}
@@ -65,25 +65,23 @@ def render(result) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", nargs="?", default=str(DEFAULT_SOURCE),
-                   help="vanilla skipless checkpoint, directory or hub id (default: the packaged demo)")
+    cli.add_model_args(p, "vanilla skipless checkpoint, directory or hub id (default: the packaged demo)",
+                       default=str(DEFAULT_SOURCE))
     p.add_argument("--dtypes", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--remove", choices=["auto", "q", "k", "v"], default="auto")
     p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--assume-skipless", action="store_true")
     p.add_argument("--probe-batch", type=int, default=PROBE_BATCH,
                    help=f"sequences of {PROBE_LENGTH} random tokens to verify on (default %(default)s)")
     p.add_argument("--json", action="store_true")
-    o = p.parse_args(argv)
-    try:
-        result = measure(o.source, o.dtypes, o.remove, o.assume_skipless, o.q_group_size, o.probe_batch)
-    except (CheckpointError, FusionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+@cli.command(build_parser)
+def main(o):
+    result = measure(o.model, o.dtypes, o.remove, o.assume_skipless, o.q_group_size, o.probe_batch, o.revision)
     print(json.dumps(result, indent=2) if o.json else render(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from mlx_lm.generate import generate, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from . import cli
 from .checkpoint import CheckpointError
 from .loading import load
 
@@ -38,17 +39,15 @@ def _bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="mlx-skipless generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="converted directory, vanilla skipless checkpoint or hub id (default: mlx_model)")
-    p.add_argument("--revision", help="hub revision")
-    p.add_argument("--assume-skipless", action="store_true",
-                   help="treat a checkpoint not marked \"skipless\": true as skipless")
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt, or - to read stdin")
+def add_generation_args(p, max_tokens: int):
+    """The flags generate and chat share, spelled as mlx-lm spells them: the model
+    (and LoRA adapters), the system prompt, sampling and the KV cache."""
+    cli.add_model_args(p, "converted directory, vanilla skipless checkpoint or hub id "
+                       f"(default: {DEFAULT_MODEL})", default=DEFAULT_MODEL)
+    p.add_argument("--adapter-path", help="LoRA adapters trained by mlx_lm lora on this model")
     p.add_argument("--system-prompt", help="system message for the chat template")
-    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
-    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens,
+                   help="most tokens to generate (default %(default)s)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
@@ -59,7 +58,48 @@ def build_parser():
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--quantized-kv-start", type=int, default=0,
                    help="step from which the KV cache is quantized (with --kv-bits)")
-    p.add_argument("--verbose", type=_bool, default=True, help="print timings (default true)")
+
+
+def check_generation_args(opts):
+    """Refuse, before loading anything, what mlx-lm would fail on mid-way or run forever with."""
+    if opts.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, not {opts.max_tokens}")
+    if opts.temp < 0 or not 0 < opts.top_p <= 1 or not 0 <= opts.min_p <= 1 or opts.top_k < 0:
+        raise ValueError("sampling needs --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p <= 1 and --top-k >= 0")
+    if opts.max_kv_size is not None and opts.max_kv_size < 1:
+        raise ValueError(f"--max-kv-size must be at least 1, not {opts.max_kv_size}")
+    if opts.kv_bits is not None:
+        try:  # whatever mlx's quantize accepts
+            mx.eval(mx.quantize(mx.zeros((1, max(opts.kv_group_size, 1))), opts.kv_group_size, opts.kv_bits))
+        except ValueError as e:
+            raise ValueError(f"--kv-bits {opts.kv_bits} with --kv-group-size {opts.kv_group_size}: {e}") from None
+    if opts.seed is not None:
+        mx.random.seed(opts.seed)
+
+
+def load_for_generation(opts):
+    """(model, tokenizer) from --model, with --adapter-path's LoRA adapters applied as mlx-lm does."""
+    model, tokenizer = load(opts.model, opts.revision, assume_skipless=opts.assume_skipless)
+    if opts.adapter_path:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, opts.adapter_path)
+        model.eval()
+    check_cache_flags(model, opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
+    return model, tokenizer
+
+
+def sampler_of(opts):
+    return make_sampler(opts.temp, opts.top_p, opts.min_p, top_k=opts.top_k)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlx-skipless generate", description=__doc__.split("\n\n")[0])
+    add_generation_args(p, max_tokens=100)
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt, or - to read stdin")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
+    p.add_argument("--verbose", nargs="?", const=True, type=_bool, default=None,
+                   help="print timings (default true); given as true, also an error's traceback")
     return p
 
 
@@ -97,34 +137,41 @@ def context_length(model) -> int:
     return model.args.max_position_embeddings
 
 
-def main(argv=None):
-    opts = build_parser().parse_args(argv)
-    if opts.seed is not None:
-        mx.random.seed(opts.seed)
-    prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt.replace("\\n", "\n")
+def read_prompt(prompt: str) -> str:
+    if prompt != "-":
+        return prompt.replace("\\n", "\n")
     try:
-        model, tokenizer = load(opts.model, opts.revision, assume_skipless=opts.assume_skipless)
-        check_cache_flags(model, opts.kv_bits, opts.kv_group_size, opts.max_kv_size)
-        tokens = encode_prompt(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
-        limit = context_length(model)
-        if len(tokens) > limit:
-            raise CheckpointError(f"the prompt is {len(tokens)} tokens; the model's context is {limit}")
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+@cli.command(build_parser)
+def main(opts):
+    verbose = opts.verbose is not False
+    check_generation_args(opts)
+    prompt = read_prompt(opts.prompt)
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    model, tokenizer = load_for_generation(opts)
+    tokens = encode_prompt(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
+    if len(tokens) == 0:
+        raise ValueError("the prompt encodes to no tokens")
+    limit = context_length(model)
+    learned = model.args.position_embedding_type == "learned"
+    if len(tokens) > limit or (learned and len(tokens) == limit):
+        raise CheckpointError(f"the prompt is {len(tokens)} tokens; the model's context is {limit}")
     max_tokens = opts.max_tokens
-    if model.args.position_embedding_type == "learned" and len(tokens) + max_tokens > limit:
+    if learned and len(tokens) + max_tokens > limit:
         # Learned positions end at the context length; nothing can be generated past it.
         max_tokens = limit - len(tokens)
         print(f"[INFO] generating {max_tokens} tokens: the context ends at {limit}", file=sys.stderr)
-    sampler = make_sampler(opts.temp, opts.top_p, opts.min_p, top_k=opts.top_k)
-    text = generate(model, tokenizer, tokens, verbose=opts.verbose, max_tokens=max_tokens,
-                    sampler=sampler, prompt_cache=prompt_cache(model, opts.max_kv_size),
+    text = generate(model, tokenizer, tokens, verbose=verbose, max_tokens=max_tokens,
+                    sampler=sampler_of(opts), prompt_cache=prompt_cache(model, opts.max_kv_size),
                     kv_bits=opts.kv_bits,
                     kv_group_size=opts.kv_group_size, quantized_kv_start=opts.quantized_kv_start)
-    if not opts.verbose:
+    if not verbose:
         print(text)
-    return 0
 
 
 if __name__ == "__main__":

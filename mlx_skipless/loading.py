@@ -64,7 +64,7 @@ def store(module: nn.Module, dtype, quantize: Optional[dict]) -> nn.Module:
     """Cast, then quantize as mlx-lm does (layers whose input width fits the groups)."""
     module.set_dtype(dtype)
     if quantize:
-        nn.quantize(module, quantize["group_size"], quantize["bits"],
+        nn.quantize(module, quantize["group_size"], quantize["bits"], mode=quantize.get("mode", "affine"),
                     class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % quantize["group_size"] == 0)
     return module

@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import data, modeldir
+from . import cli, data, modeldir
 from .loss import cross_entropy, evaluate
 from .checkpoint import OutputDir
 from .models.skipless import Model, ModelArgs
@@ -170,7 +170,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless normfree", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a checkpoint written by mlx_skipless.train")
     p.add_argument("--data", nargs="+", default=["stdlib"], help="text files or folders, or stdlib")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    cli.add_output_arg(p, "output checkpoint directory", required=True)
     p.add_argument("--steps-per-norm", type=int, default=20)
     p.add_argument("--final-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -181,27 +181,23 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    try:
-        output = OutputDir(o.out, o.force, inputs=[o.model])
-        output.check()  # before the work, not only after it
-        model, args, tok, state = modeldir.read(o.model)
-        if tok is None:
-            raise ValueError(f"{o.model} has no tokenizer.json to read the --data with")
-        context = state.get("options", {}).get("context", args.max_position_embeddings)
-        corpus = data.Corpus.build(o.data, tok)
-        folded, new_args, report = remove_norms(
-            model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
-            o.calibration_batches, o.seed)
-        report["source"] = str(o.model)
-        report["trained"] = state  # the run it came from: options, steps, losses
-        with output, output.stage() as staging:
-            modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"[INFO] wrote {o.out}")
+@cli.command(build_parser)
+def main(o):
+    output = OutputDir(o.mlx_path, o.force, inputs=[o.model])
+    output.check()  # before the work, not only after it
+    model, args, tok, state = modeldir.read(o.model)
+    if tok is None:
+        raise ValueError(f"{o.model} has no tokenizer.json to read the --data with")
+    context = state.get("options", {}).get("context", args.max_position_embeddings)
+    corpus = data.Corpus.build(o.data, tok)
+    folded, new_args, report = remove_norms(
+        model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
+        o.calibration_batches, o.seed)
+    report["source"] = str(o.model)
+    report["trained"] = state  # the run it came from: options, steps, losses
+    with output, output.stage() as staging:
+        modeldir.save(staging, folded, new_args, "normfree", tok, record=report)
+    print(f"[INFO] wrote {o.mlx_path}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Which square matrix each layer loses: the plan behind `convert --remove auto`.
 
 A layer that loses B (its Q, or K or V in MHA) stores matrices multiplied by
-B⁻¹, which amplifies the target dtype's rounding by up to cond(B) (DESIGN §3).
+B⁻¹, which amplifies the target dtype's rounding by up to cond(B): exact on
+paper, but on real trained matrices a bfloat16 conversion can lose all top-1
+agreement that plain bfloat16 rounding of the original keeps.
 That is a worst-case bound, often far from what happens, so the planner
 measures instead: the plans form a ladder, from "every layer loses its
 best-conditioned matrix" to "nothing removed" (the original itself, which is

@@ -10,7 +10,8 @@ options; a flag given again overrides its option, and the log says so.
 What makes a skipless stack train (He & Hofmann 2023; He et al. 2023): square
 projections start orthogonal, so every block starts close to an isometry and
 signal neither dies nor explodes without residuals; `--orthogonality` keeps the
-matrices a later conversion inverts well-conditioned (DESIGN §3).
+matrices a later conversion inverts well-conditioned (the inverse amplifies
+rounding in the stored dtype by up to the condition number).
 """
 
 import argparse
@@ -28,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import data, families, modeldir
+from . import cli, data, families, modeldir
 from .loss import cross_entropy, evaluate
 from .checkpoint import CheckpointError, OutputDir
 from .models.skipless import Model, ModelArgs
@@ -175,8 +176,8 @@ def build_parser():
     p.add_argument("--config", help="model config: JSON or TOML with ModelArgs (HF) names")
     p.add_argument("--data", nargs="+", default=["stdlib"],
                    help="text files or folders; 'stdlib' is this Python's standard library")
-    p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    cli.add_output_arg(p, "checkpoint directory", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --mlx-path")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train byte-level BPE)")
     p.add_argument("--vocab-size", type=int, default=1024, help="for a trained tokenizer")
     p.add_argument("--steps", type=int, default=2000)
@@ -227,50 +228,46 @@ def settle_options(o, recorded: Optional[dict] = None, log=print):
         log(f"[INFO] ignored when resuming (the model already exists): {', '.join(ignored)}")
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    out = Path(o.out)
+@cli.command(build_parser)
+def main(o):
+    out = Path(o.mlx_path)
     optimizer_state = None
-    try:
-        if o.resume:
-            model, args, tok, state = modeldir.read(out)
-            if not state:
-                raise CheckpointError(f"{out} holds no training state to resume")
-            optimizer_state = modeldir.read_optimizer_state(out)
-            settle_options(o, state.get("options", {}))
-            if args.position_embedding_type == "learned" and o.context > args.max_position_embeddings:
-                raise ValueError(f"--context {o.context} exceeds the model's {args.max_position_embeddings} "
-                                 "learned positions")
-            print(f"[INFO] resuming {out} at step {state['step']}")
+    if o.resume:
+        model, args, tok, state = modeldir.read(out)
+        if not state:
+            raise CheckpointError(f"{out} holds no training state to resume")
+        optimizer_state = modeldir.read_optimizer_state(out)
+        settle_options(o, state.get("options", {}))
+        if args.position_embedding_type == "learned" and o.context > args.max_position_embeddings:
+            raise ValueError(f"--context {o.context} exceeds the model's {args.max_position_embeddings} "
+                             "learned positions")
+        print(f"[INFO] resuming {out} at step {state['step']}")
+    else:
+        settle_options(o)
+        if not o.config:
+            raise ValueError("--config is required for a new run")
+        if out.exists():
+            raise ValueError(f"{out} exists; use --resume to continue it, or choose another --mlx-path")
+        OutputDir(out).check()  # fail before training a tokenizer
+        fields = read_model_config(o.config)
+        if o.tokenizer:
+            tok = data.load_tokenizer(o.tokenizer)
         else:
-            settle_options(o)
-            if not o.config:
-                raise ValueError("--config is required for a new run")
-            if out.exists():
-                raise ValueError(f"{out} exists; use --resume to continue it, or choose another --out")
-            OutputDir(out).check()  # fail before training a tokenizer
-            fields = read_model_config(o.config)
-            if o.tokenizer:
-                tok = data.load_tokenizer(o.tokenizer)
-            else:
-                files = data.find_files(o.data)
-                print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
-                tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
-            fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
-            args = ModelArgs(**fields)
-            model = Model(args)
-            initialize(model, o.seed, o.q_init_scale)
-            state = None
-        corpus = data.Corpus.build(o.data, tok, o.val_fraction)
-        n = sum(v.size for _, v in tree_flatten(model.parameters()))
-        print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
-              f"validation tokens from {corpus.files} files")
-        state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
-                      o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
-                      state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            files = data.find_files(o.data)
+            print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
+            tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
+        fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
+        args = ModelArgs(**fields)
+        model = Model(args)
+        initialize(model, o.seed, o.q_init_scale)
+        state = None
+    corpus = data.Corpus.build(o.data, tok, o.val_fraction)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
+          f"validation tokens from {corpus.files} files")
+    state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
+                  o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
+                  state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction))
     print(f"[INFO] wrote {out}")
     return 0
 

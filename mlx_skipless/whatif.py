@@ -2,7 +2,8 @@
 
 A model trained with residuals and norms is not skipless, and removing them
 changes its function: the what-if is no language model. It keeps what fusion
-numerics depend on: real, trained, often ill-conditioned matrices (DESIGN §3).
+numerics depend on: real, trained, often ill-conditioned matrices (an inverted
+matrix amplifies rounding by up to its condition number).
 Each RMSNorm gain folds into the matrices that read it; each normalization
 becomes one scalar, chosen so that activations have RMS 1 on probe tokens, as
 the norm would have made them. Scalars commute with fusion, so conditioning is
@@ -21,7 +22,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 import numpy as np
 
-from . import modeldir
+from . import cli, modeldir
 from .checkpoint import OutputDir
 from .models.skipless import Block, ModelArgs
 
@@ -125,25 +126,24 @@ def write(output: OutputDir, args: ModelArgs, flat: Dict[str, np.ndarray], sourc
         modeldir.write_weights(staging, {k: mx.array(v.astype(np.float32)) for k, v in flat.items()})
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless whatif", description=__doc__.split("\n\n")[0])
-    p.add_argument("gguf", help="a llama-architecture .gguf file")
-    p.add_argument("out", help="directory for the skipless checkpoint")
+    p.add_argument("--model", required=True, help="a llama-architecture .gguf file")
+    cli.add_output_arg(p, "directory for the skipless checkpoint", required=True)
     p.add_argument("--layers", type=int, default=6, help="keep the first N blocks (default 6)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it holds a model mlx-skipless wrote")
-    o = p.parse_args(argv)
-    try:
-        output = OutputDir(o.out, o.force, inputs=[o.gguf])
-        output.check()  # before the work
-        args, flat = from_llama_gguf(o.gguf, o.layers)
-        scales = rms_calibrate(args, flat)
-        write(output, args, flat, Path(o.gguf).name)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"[INFO] wrote {o.out}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
+    p.add_argument("--force", action="store_true", help="replace the output if it holds a model mlx-skipless wrote")
+    return p
+
+
+@cli.command(build_parser)
+def main(o):
+    output = OutputDir(o.mlx_path, o.force, inputs=[o.model])
+    output.check()  # before the work
+    args, flat = from_llama_gguf(o.model, o.layers)
+    scales = rms_calibrate(args, flat)
+    write(output, args, flat, Path(o.model).name)
+    print(f"[INFO] wrote {o.mlx_path}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
           f"{min(scales):.3g} to {max(scales):.3g}")
-    return 0
 
 
 if __name__ == "__main__":

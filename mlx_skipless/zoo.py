@@ -4,23 +4,35 @@
   show NAME            config, weights per component before and after each exact
                        reduction, savings, predicted batch-1 speedup, recipes
   table                every model side by side; --out DIR also writes Markdown and an SVG chart
-  run RECIPE           run a recipe's steps (--size tiny runs in minutes on a laptop CPU)
+  run RECIPE           run a recipe's steps (--size tiny runs in minutes on a laptop CPU);
+                       again: --resume continues its training, --force starts over
 
 Counts are of the skipless what-if of each architecture (same shapes, no residual
 adds, no norms between blocks): the only form the fusion applies to.
 """
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from . import counting, fusion
+from . import cli, counting, fusion
 from .models.skipless import ModelArgs
 
-ZOO = Path(__file__).resolve().parents[1] / "zoo"
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _zoo_dir() -> Path:
+    """The zoo/ folder users browse: in a checkout (or an editable install) beside
+    the package; in an installed wheel, the copy the build put inside it (setup.py)."""
+    return next((d for d in (PACKAGE / "zoo_data", PACKAGE.parent / "zoo") if d.is_dir()), PACKAGE.parent / "zoo")
+
+
+ZOO = _zoo_dir()
 
 
 def models() -> dict:
@@ -69,10 +81,38 @@ def summary(name: str, entry: dict) -> dict:
         if "claim" in r:
             item["paper_claim_not_exact"] = r["claim"]
         out["reductions"][remove] = item
+    out["converter_removes"], out["converter_removes_basis"] = converter_removes(entry, base)
     if "paper" in entry:
         out["paper"] = entry["paper"]
     out["recipes"] = [n for n, rec in recipes().items() if rec.get("model") == name]
     return out
+
+
+def converter_removes(entry: dict, base: ModelArgs):
+    """(what the converter removes per block, on what basis): its own plan for
+    the weights where the zoo has them (`checkpoint`, relative to the package);
+    otherwise the choice the shapes leave it."""
+    squares = fusion.square_projections(base)
+    and_p = " and P" if fusion.merges_p(base) else ""
+    if not squares:
+        return "nothing", "no square Q, K or V"
+    if "checkpoint" in entry:
+        from collections import Counter
+
+        from . import planner
+        from .convert import condition_numbers
+        from .loading import SkiplessCheckpoint
+
+        conds = condition_numbers(SkiplessCheckpoint(str(PACKAGE / entry["checkpoint"])))
+        forms = planner.ladder(conds, "p" if and_p else "")[0]
+        counts = Counter(f.replace("p", "").upper() or "nothing" for f in forms)
+        what = ", ".join(f"{m} ({n} layers)" for m, n in counts.items()) if len(counts) > 1 else next(iter(counts))
+        return what + and_p, ("the converter's plan for the packaged weights: per layer the "
+                              "best-conditioned square matrix (--remove auto's first plan)")
+    if len(squares) > 1:
+        return ", ".join(m.upper() for m in squares[:-1]) + f" or {squares[-1].upper()}" + and_p, (
+            "equal counts; the converter picks per layer from the weights (--remove auto)")
+    return squares[0].upper() + and_p, "the only square projection"
 
 
 def show(name: str) -> str:
@@ -94,6 +134,7 @@ def show(name: str) -> str:
             c = r["paper_claim_not_exact"]
             lines.append(f"  paper's claim (no Q and no P in a parallel block; not exact): "
                          f"{100 * c['removed_fraction']:.1f}% removed, {c['speedup_paper']:.2f}x")
+    lines += ["", f"the converter removes: {s['converter_removes']} ({s['converter_removes_basis']})"]
     if "paper" in s:
         lines += ["", f"paper: {s['paper']}"]
     if s["recipes"]:
@@ -119,7 +160,7 @@ def table_rows():
                      "after": best["after"] if best else s["skipless"]["total"],
                      "speedup_predicted": best["speedup_predicted"] if best else 1.0,
                      "speedup_paper_count": best["speedup_paper_count"] if best else 1.0,
-                     "removed": " and ".join(best["removed_per_block"]) if best else "nothing",
+                     "removed": s["converter_removes"],
                      "paper_claim": best.get("paper_claim_not_exact") if best else None,
                      "parallel": entry["model"].get("parallel_block", False)})
     return rows
@@ -190,11 +231,23 @@ def sized(name: str, size: str):
     return model, [(s["step"], {**s.get("args", {}), **chosen.get(s["step"], {})}) for s in recipe["steps"]]
 
 
-def run(name: str, size: str, out: Path, log=print) -> dict:
-    """Run a recipe's steps in order, each output feeding the next; returns the paths."""
+def run(name: str, size: str, out: Path, log=print, force: bool = False, resume: bool = False) -> dict:
+    """Run a recipe's steps in order, each output feeding the next; returns the paths.
+    An existing work directory is refused unless `force` (start over) or `resume`
+    (continue its training, redo the later steps)."""
     from . import convert, generate, normfree, train
 
     model, steps = sized(name, size)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "model.json").exists():
+            raise cli.CommandError(f"{out} is not empty and holds no zoo run (no model.json): choose another --out")
+        if force:
+            log(f"[zoo] --force: removing the earlier run in {out}")
+            shutil.rmtree(out)
+        elif not resume:
+            raise cli.CommandError(f"{out} holds an earlier run: pass --resume to continue its training "
+                                   "(and redo the later steps) or --force to start over")
+    resume = resume and (out / "train").exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(json.dumps(model, indent=2))
     paths, source, latest = {}, None, None  # source: the newest unconverted checkpoint
@@ -202,9 +255,10 @@ def run(name: str, size: str, out: Path, log=print) -> dict:
         target = out / kind
         log(f"[zoo] {name} ({size}): {kind}")
         if kind == "train":
-            code = train.main(["--config", str(out / "model.json"), "--out", str(target)] + _flags(options))
+            code = train.main(["--config", str(out / "model.json"), "--mlx-path", str(target)]
+                              + (["--resume"] if resume else []) + _flags(options))
         elif kind == "normfree":
-            code = normfree.main(["--model", str(source), "--out", str(target), "--force"] + _flags(options))
+            code = normfree.main(["--model", str(source), "--mlx-path", str(target), "--force"] + _flags(options))
         elif kind in ("convert", "quantize"):
             extra = ["-q"] if kind == "quantize" else []
             code = convert.main(["--hf-path", str(source), "--mlx-path", str(target), "--force"]
@@ -214,7 +268,7 @@ def run(name: str, size: str, out: Path, log=print) -> dict:
         else:
             raise KeyError(f"recipe {name!r}: unknown step {kind!r}")
         if code:
-            raise RuntimeError(f"recipe {name!r} stopped at {kind!r} (exit status {code})")
+            raise cli.CommandError(f"recipe {name!r} stopped at {kind!r} (exit status {code})")
         if kind in ("train", "normfree"):
             source = target
         if kind != "generate":
@@ -237,45 +291,48 @@ def build_parser():
     r.add_argument("recipe")
     r.add_argument("--size", default="tiny")
     r.add_argument("--out", help="work directory (default: zoo-runs/RECIPE-SIZE)")
-    r.add_argument("--json", action="store_true", help="end with the output paths as JSON")
+    r.add_argument("--json", action="store_true",
+                   help="print only the output paths on stdout, as JSON (the log goes to stderr)")
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="start over: remove an earlier run in --out")
+    again.add_argument("--resume", action="store_true",
+                       help="continue an earlier run's training in --out, then redo the later steps")
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    try:
-        if o.command == "list":
-            items = {"models": {n: e.get("title", n) for n, e in models().items()},
-                     "recipes": {n: r.get("summary", "") for n, r in recipes().items()}}
-            if o.json:
-                print(json.dumps(items, indent=2))
-            else:
-                print("models:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["models"].items()))
-                print("recipes:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["recipes"].items()))
-        elif o.command == "show" and (Path(o.name) / "config.json").exists():
-            report = json.loads((Path(o.name) / "config.json").read_text()).get("conversion")
-            if report is None:
-                raise KeyError(f"{o.name} is not a model converted by mlx-skipless (no 'conversion' in its config.json)")
-            print(json.dumps(report, indent=2) if o.json else converted(report))
-        elif o.command == "show":
-            entry = lookup(models(), o.name, "model")
-            print(json.dumps(summary(o.name, entry), indent=2) if o.json else show(o.name))
-        elif o.command == "table":
-            rows = table_rows()
-            if o.out:
-                out = Path(o.out)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "zoo-table.md").write_text(markdown(rows))
-                (out / "zoo-savings.svg").write_text(svg(rows))
-            print(json.dumps(rows, indent=2) if o.json else markdown(rows), end="")
+@cli.command(build_parser)
+def main(o):
+    if o.command == "list":
+        items = {"models": {n: e.get("title", n) for n, e in models().items()},
+                 "recipes": {n: r.get("summary", "") for n, r in recipes().items()}}
+        if o.json:
+            print(json.dumps(items, indent=2))
         else:
-            paths = run(o.recipe, o.size, Path(o.out or f"zoo-runs/{o.recipe}-{o.size}"))
-            if o.json:
-                print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
-    except (KeyError, RuntimeError) as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
-    return 0
+            print("models:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["models"].items()))
+            print("recipes:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["recipes"].items()))
+    elif o.command == "show" and (Path(o.name) / "config.json").exists():
+        report = json.loads((Path(o.name) / "config.json").read_text()).get("conversion")
+        if report is None:
+            raise KeyError(f"{o.name} is not a model converted by mlx-skipless (no 'conversion' in its config.json)")
+        print(json.dumps(report, indent=2) if o.json else converted(report))
+    elif o.command == "show":
+        entry = lookup(models(), o.name, "model")
+        print(json.dumps(summary(o.name, entry), indent=2) if o.json else show(o.name))
+    elif o.command == "table":
+        rows = table_rows()
+        if o.out:
+            out = Path(o.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "zoo-table.md").write_text(markdown(rows))
+            (out / "zoo-savings.svg").write_text(svg(rows))
+        print(json.dumps(rows, indent=2) if o.json else markdown(rows), end="")
+    else:
+        out = Path(o.out or f"zoo-runs/{o.recipe}-{o.size}")
+        # With --json, stdout carries the JSON alone: every step's log goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if o.json else contextlib.nullcontext():
+            paths = run(o.recipe, o.size, out, force=o.force, resume=o.resume)
+        if o.json:
+            print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -263,10 +263,10 @@ def main():
         o.reuse_training = True
     if not (o.reuse_training and (work / "with-norms" / "config.json").exists()):
         shutil.rmtree(work / "with-norms", ignore_errors=True)
-        commands["train"], _ = run(TRAIN + ["--out", str(work / "with-norms")], work)
+        commands["train"], _ = run(TRAIN + ["--mlx-path", str(work / "with-norms")], work)
     else:
-        commands["train"] = "python " + " ".join(TRAIN) + " --out WORK/with-norms"
-    normfree = NORMFREE + ["--model", str(work / "with-norms"), "--out", str(work / "norm-free"), "--force"]
+        commands["train"] = "python " + " ".join(TRAIN) + " --mlx-path WORK/with-norms"
+    normfree = NORMFREE + ["--model", str(work / "with-norms"), "--mlx-path", str(work / "norm-free"), "--force"]
     if o.card_only:
         commands["normfree"] = "python " + " ".join(a.replace(str(work), "WORK") for a in normfree)
     else:

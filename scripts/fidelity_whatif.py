@@ -124,7 +124,7 @@ def main(argv=None):
              "quantized rows). Errors are the stored models' against the reference.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         src = str(Path(tmp) / "whatif")
-        if whatif.main([str(gguf), src, "--layers", str(o.layers)]):
+        if whatif.main(["--model", str(gguf), "--mlx-path", src, "--layers", str(o.layers)]):
             return 1
         for title, source in [(f"SmolLM2-135M what-if, first {o.layers} blocks ({gguf.name})", src),
                               ("Our own trained model: the packaged demo (skipless-python)", str(DEFAULT_SOURCE))]:

@@ -2,7 +2,8 @@
 
 It shares nothing with the MLX model code but the weight dictionary, in the
 paper's orientation (y = x·W + b), so it checks the MLX modules and the fusion
-against the maths as written in DESIGN §2.
+against the maths as the paper writes it: row vectors, y = x·W, W is in × out
+(Hugging Face and MLX store `weight` as out × in, the paper's W is `weight.T`).
 """
 
 import math

@@ -149,7 +149,7 @@ def ill_conditioned(tmp_path, cond, dtype):
 
 
 def test_fusion_that_rounding_destroys_is_refused_loudly(tmp_path, capsys):
-    # DESIGN §3: exact on paper, but bf16 rounding of Q^-1-scaled weights destroys it.
+    # Exact on paper, but bf16 rounding of Q^-1-scaled weights (cond(Q) 1e4) destroys it.
     src = ill_conditioned(tmp_path, 1e4, mx.bfloat16)
     out = tmp_path / "out"
     with pytest.raises(DegradedError, match="clearly worse"):

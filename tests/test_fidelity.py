@@ -14,7 +14,7 @@ from test_convert import ill_conditioned
 
 def test_report_per_dtype_next_to_plain_rounding(tmp_path, capsys):
     src = ill_conditioned(tmp_path, 1e4, mx.float32)
-    assert fidelity.main([str(src), "--dtypes", "float32", "bfloat16", "8bit", "--q-group-size", "32",
+    assert fidelity.main(["--model", str(src), "--dtypes", "float32", "bfloat16", "8bit", "--q-group-size", "32",
                           "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["condition_numbers"][1]["q"] > 9e3
@@ -31,6 +31,6 @@ def test_a_dtype_the_original_overflows_is_reported_not_planned(tmp_path, capsys
     with pytest.raises(CheckpointError, match="original model itself is not finite"):
         convert(str(src), str(tmp_path / "out"), dtype="float16", progress=False, log=lambda *_: None)
     assert not (tmp_path / "out").exists()
-    assert fidelity.main([str(src), "--dtypes", "float16", "bfloat16"]) == 0
+    assert fidelity.main(["--model", str(src), "--dtypes", "float16", "bfloat16"]) == 0
     table = capsys.readouterr().out
     assert "| float16 | the original model itself is not finite" in table and "| bfloat16 | qp qp qp qp |" in table

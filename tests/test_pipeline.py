@@ -60,10 +60,10 @@ def pipeline(tmp_path_factory, corpus):
     work = tmp_path_factory.mktemp("pipeline")
     (work / "gpt2.json").write_text(json.dumps(GPT2))
     dirs = {"train": work / "run", "normfree": work / "normfree", "convert": work / "converted"}
-    cli("train", "--config", work / "gpt2.json", "--data", corpus, "--out", dirs["train"],
+    cli("train", "--config", work / "gpt2.json", "--data", corpus, "--mlx-path", dirs["train"],
         "--steps", 6, "--context", 32, "--batch-size", 4, "--vocab-size", 300, "--eval-every", 3,
         "--save-every", 3, "--q-init-scale", 0.1)
-    cli("normfree", "--model", dirs["train"], "--data", corpus, "--out", dirs["normfree"],
+    cli("normfree", "--model", dirs["train"], "--data", corpus, "--mlx-path", dirs["normfree"],
         "--steps-per-norm", 1, "--final-steps", 2, "--batch-size", 4)
     cli("convert", "--hf-path", dirs["normfree"], "--mlx-path", dirs["convert"], "--dtype", "bfloat16")
     return dirs
@@ -96,7 +96,7 @@ def test_every_command_writes_the_same_model_directory(pipeline, tmp_path):
     from test_whatif import write_gguf  # the tiny llama GGUF that test writes
 
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(0))
-    assert whatif.main([str(tmp_path / "tiny.gguf"), str(tmp_path / "whatif"), "--layers", "1"]) == 0
+    assert whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "whatif"), "--layers", "1"]) == 0
     dirs = {**pipeline, "whatif": tmp_path / "whatif"}
     for command, path in dirs.items():
         config = json.loads((path / "config.json").read_text())
@@ -119,7 +119,7 @@ def test_whatif_refuses_to_overwrite_without_force(tmp_path, capsys):
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(0))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    assert whatif.main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out"), "--layers", "1"]) == 1
+    assert whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "out"), "--layers", "1"]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
 
@@ -193,7 +193,7 @@ def test_a_trained_run_converts_and_loads(tokenized, tmp_path):
 def test_resume_keeps_the_recorded_settings(corpus, tmp_path, capsys):
     (tmp_path / "gpt2.json").write_text(json.dumps({**GPT2, "block_norm": None}))
     run = tmp_path / "run"
-    common = ["--data", str(corpus), "--out", str(run), "--batch-size", "4", "--eval-every", "2",
+    common = ["--data", str(corpus), "--mlx-path", str(run), "--batch-size", "4", "--eval-every", "2",
               "--save-every", "2"]
     assert train.main(["--config", str(tmp_path / "gpt2.json"), *common, "--steps", "2", "--context", "16",
                        "--vocab-size", "300", "--lr", "0.002", "--orthogonality", "0.01",

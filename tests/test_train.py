@@ -103,8 +103,8 @@ def test_normfree_removes_every_block_norm_exactly(setup, tmp_path, kind):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert train.main(["--out", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")]) == 1
-    assert normfree.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 1
+    assert train.main(["--mlx-path", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")]) == 1
+    assert normfree.main(["--model", str(tmp_path / "missing"), "--mlx-path", str(tmp_path / "y")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 

@@ -71,6 +71,6 @@ def test_whatif_folds_gains_restores_rope_order_and_keeps_activations_o1(tmp_pat
 
 def test_whatif_cli_errors_are_one_line(tmp_path, capsys):
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(1))
-    assert whatif.main([str(tmp_path / "tiny.gguf"), str(tmp_path / "o"), "--layers", "9"]) == 1
+    assert whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "o"), "--layers", "9"]) == 1
     assert "between 1 and 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
