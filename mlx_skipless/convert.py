@@ -17,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, cli, counting, fusion, layout, modeldir, planner, verify
-from .checkpoint import CheckpointError, OutputDir, ShardWriter, copy_tokenizer
+from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, ShardWriter, copy_tokenizer
 from .loading import SkiplessCheckpoint, block_module, check_quantization, load_tokenizer, shell_module, store
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
@@ -43,7 +43,8 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
             q_group_size: int = 64, q_mode: str = "affine", assume_skipless: bool = False, verify_output: bool = True,
             allow_degraded: bool = False, force: bool = False, upload_repo: Optional[str] = None,
             revision: Optional[str] = None, budget: Optional[verify.Budget] = None,
-            probe_batch: int = verify.PROBE_BATCH, progress: bool = True, log=print) -> dict:
+            probe_batch: int = verify.PROBE_BATCH, tokenizer: Optional[str] = None,
+            progress: bool = True, log=print) -> dict:
     """Convert and return the conversion report (also stored in the output's config.json).
 
     --remove auto plans per layer (planner.py): with verification on it measures
@@ -56,8 +57,11 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         raise CheckpointError(f"--remove must be auto, q, k or v, not {remove!r}")
     source = str(hf_path or DEFAULT_SOURCE)
     ckpt = SkiplessCheckpoint(source, revision, assume_skipless)
-    if load_tokenizer(ckpt.path) is None:  # else it loads, or the error names the bad file
-        log(f"[WARNING] {ckpt.path} has no tokenizer files: the converted model will need one to generate")
+    # The tokenizer must load before any work, or the output could convert and then not generate.
+    tokenizer = Path(tokenizer) if tokenizer else ckpt.path
+    if load_tokenizer(tokenizer) is None:  # else it loads, or the error names the bad file
+        raise CheckpointError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
+                              "the converted model could not generate; pass --tokenizer DIR to ship one")
     if quantize:
         check_quantization(ckpt.args, q_group_size, q_bits)
     dtype = dtype or ckpt.dtype()
@@ -107,7 +111,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         if result.verification:
             report["verification"] = result.verification
         result.writer.close(counting.count(result.args)["total"])
-        _write_metadata(staging, ckpt, result.args, dtype, quant, report, upload_repo or str(out))
+        _write_metadata(staging, ckpt, result.args, dtype, quant, report, tokenizer, upload_repo or str(out))
         _log_report(report, log)
         if result.verification and result.verification["degraded"] and not allow_degraded:
             raise DegradedError(
@@ -331,11 +335,11 @@ def _report(source, ckpt, args, new_args, forms, notes, inverted, dtype, quant):
     }
 
 
-def _write_metadata(staging, ckpt, new_args, dtype, quant, report, model="PATH"):
+def _write_metadata(staging, ckpt, new_args, dtype, quant, report, tokenizer: Path, model="PATH"):
     tokens = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ckpt.config}
     quantization = {"quantization": quant, "quantization_config": quant} if quant else {}
     modeldir.write_config(staging, new_args, "convert", dtype, conversion=report, **tokens, **quantization)
-    copy_tokenizer(ckpt.path, staging)
+    copy_tokenizer(tokenizer, staging)
     (staging / "README.md").write_text(model_card(report, model))
 
 
@@ -475,6 +479,7 @@ def build_parser():
                    help="write the model even if verification finds it clearly worse")
     p.add_argument("--force", action="store_true",
                    help="replace --mlx-path if it is empty or a model mlx-skipless wrote")
+    p.add_argument("--tokenizer", help="directory of the tokenizer to ship (default: the checkpoint's own)")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to")
     return p
 

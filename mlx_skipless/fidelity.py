@@ -24,7 +24,7 @@ TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16
 
 
 def measure(source: str, targets, remove="auto", assume_skipless=False, group_size=64,
-            probe_batch=PROBE_BATCH, revision=None) -> dict:
+            probe_batch=PROBE_BATCH, revision=None, tokenizer=None) -> dict:
     ckpt = SkiplessCheckpoint(source, revision, assume_skipless)
     out = {"source": source, "condition_numbers": condition_numbers(ckpt), "dtypes": {}}
     for name in targets:
@@ -33,7 +33,8 @@ def measure(source: str, targets, remove="auto", assume_skipless=False, group_si
             try:
                 report = convert(source, f"{tmp}/out", remove=remove, dtype=dtype, quantize=bool(bits),
                                  q_bits=bits or 4, q_group_size=group_size, assume_skipless=assume_skipless,
-                                 allow_degraded=True, revision=revision, probe_batch=probe_batch, progress=False,
+                                 allow_degraded=True, revision=revision, probe_batch=probe_batch, tokenizer=tokenizer,
+                                 progress=False,
                                  log=lambda *_: None)
             except CheckpointError as e:  # e.g. the original itself overflows float16
                 out["dtypes"][name] = {"error": str(e)}

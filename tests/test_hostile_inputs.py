@@ -141,16 +141,23 @@ def test_quantization_flags_mlx_cannot_honour_are_refused(tmp_path, capsys, grou
 # -- 6: the tokenizer loads before anything is converted --------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "none"])
 def test_a_broken_tokenizer_is_refused_naming_the_file(tmp_path, capsys, damage):
     src, _, _ = write(tmp_path, "llama")
     tok = src / "tokenizer.json"
     if damage == "corrupt":
         tok.write_text(tok.read_text()[:100])
         refused(tmp_path, src, "tokenizer.json is not valid JSON", capsys)
-    else:
+    elif damage == "missing":
         tok.unlink()  # tokenizer_config.json alone does not make a tokenizer
         refused(tmp_path, src, r"the tokenizer \(tokenizer_config.json\) does not load", capsys)
+    else:  # without a tokenizer the output could not generate; --tokenizer names one to ship
+        tok.unlink()
+        (src / "tokenizer_config.json").unlink()
+        refused(tmp_path, src, "has no tokenizer files .* pass --tokenizer DIR", capsys)
+        donor, _, _ = write(tmp_path / "donor", "llama")
+        convert(str(src), str(tmp_path / "out"), tokenizer=str(donor), progress=False, log=lambda *_: None)
+        assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (donor / "tokenizer.json").read_bytes()
 
 
 # -- 7: shard paths stay inside the checkpoint ------------------------------------------------------

@@ -5,6 +5,8 @@ import json
 import mlx.core as mx
 import numpy as np
 
+import hf_checkpoints
+
 from mlx_skipless import whatif
 from mlx_skipless.checkpoint import OutputDir
 from mlx_skipless.convert import convert
@@ -65,7 +67,10 @@ def test_whatif_folds_gains_restores_rope_order_and_keeps_activations_o1(tmp_pat
         h = layer(h, "causal")
         assert abs(float(mx.sqrt(mx.mean(h * h))) - 1) < 1e-3  # each block's output at RMS 1
 
-    report = convert(str(out), str(tmp_path / "reduced"), dtype="float32", progress=False, log=lambda *_: None)
+    (tmp_path / "tokenizer").mkdir()
+    hf_checkpoints.write_tokenizer(tmp_path / "tokenizer", VOCAB)  # a GGUF's tokenizer is not carried over
+    report = convert(str(out), str(tmp_path / "reduced"), dtype="float32", tokenizer=str(tmp_path / "tokenizer"),
+                     progress=False, log=lambda *_: None)
     assert report["verification"]["float32"]["max_rel_error"] < 1e-4
 
 
