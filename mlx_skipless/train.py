@@ -31,6 +31,7 @@ from .checkpoint import staged_directory
 from .models.skipless import Model, ModelArgs
 
 STATE = "trainer.json"
+BASE_WIDTH, BASE_DEPTH = 256, 4  # the largest shape the unscaled learning rate trains
 OPTIMIZER = "optimizer.safetensors"
 
 
@@ -97,6 +98,27 @@ def evaluate(model, corpus: data.Corpus, context: int, batches: int = 8, batch_s
     return float(np.mean(losses))
 
 
+def hidden_lr_scale(args: ModelArgs) -> float:
+    """The learning rate of the matrices inside the blocks, relative to `lr`: a model
+    wider or deeper than BASE_WIDTH x BASE_DEPTH steps its block matrices by less
+    (μP-style, lr ∝ 1/width, and ∝ 1/depth for a stack without skips, where every
+    layer's change compounds through all the layers above it). See the module docstring."""
+    return min(1.0, BASE_WIDTH / args.hidden_size) * min(1.0, BASE_DEPTH / args.num_hidden_layers)
+
+
+def is_hidden(path: str, w: mx.array) -> bool:
+    return path.startswith("model.layers.") and w.ndim >= 2
+
+
+def make_optimizer(args: ModelArgs, lr: float, steps: int, warmup: int, weight_decay: float):
+    """AdamW; block matrices at lr · hidden_lr_scale(args) when that is below one."""
+    adamw = lambda rate: optim.AdamW(schedule(rate, steps, warmup), weight_decay=weight_decay)
+    scale = hidden_lr_scale(args)
+    if scale == 1.0:
+        return adamw(lr)
+    return optim.MultiOptimizer([adamw(lr * scale), adamw(lr)], [is_hidden])
+
+
 def schedule(lr: float, steps: int, warmup: int):
     warm = optim.linear_schedule(lr / max(warmup, 1), lr, max(warmup, 1))
     decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
@@ -136,14 +158,17 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
           lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
           ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
           state: dict = None, optimizer_state=None, progress: bool = True, log=print,
-          stop_at: int = None) -> dict:
+          stop_at: int = None, probe=None) -> dict:
     """Train to `steps` (from state["step"] when resuming) and return the trainer state.
-    `stop_at` ends the run early, as an interruption would, schedule unchanged."""
+    `stop_at` ends the run early, as an interruption would, schedule unchanged.
+    `probe(model)`, when given, returns a dict that joins each validation entry
+    (e.g. the per-layer signal propagation of mlx_skipless.diagnostics)."""
     state = state or {"step": 0, "history": []}
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
-                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed)
+                weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
+                block_lr_scale=hidden_lr_scale(args))
     state["options"] = opts
-    optimizer = optim.AdamW(schedule(lr, steps, int(warmup * steps)), weight_decay=weight_decay)
+    optimizer = make_optimizer(args, lr, steps, int(warmup * steps), weight_decay)
     if optimizer_state is not None:
         optimizer.state = optimizer_state
     eos = tok.token_to_id(data.EOS)
@@ -181,7 +206,7 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
         last = state["step"] == steps
         if state["step"] % eval_every == 0 or last:
             entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
-                     "val_loss": evaluate(model, corpus, context)}
+                     "val_loss": evaluate(model, corpus, context), **(probe(model) if probe else {})}
             state["history"].append(entry)
             losses = []
             log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
@@ -208,9 +233,9 @@ def build_parser():
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--q-init-scale", type=float, default=1.0,
+    p.add_argument("--q-init-scale", type=float, default=0.1,
                    help="scale of the orthogonal initial Q (small: attention starts uniform)")
-    p.add_argument("--orthogonality", type=float, default=0.0,
+    p.add_argument("--orthogonality", type=float, default=0.01,
                    help="penalty weight keeping square Q/K/V near-orthogonal (well-conditioned)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=200)

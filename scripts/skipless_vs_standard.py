@@ -1,0 +1,118 @@
+"""The price of skiplessness: the same shapes trained skipless and as a standard transformer.
+
+Each size trains twice with `python -m mlx_skipless.train` and its default flags, on the
+same data, tokenizer (the demo's) and steps:
+
+  skipless  no residual adds, shaped attention, pre-norms (removed after training by
+            normfree: this is the model before that step)
+  standard  pre-norm transformer with residual adds and plain softmax attention
+
+Runs land in WORK/<size>-<kind>/ and are reused when their step count matches, so sizes
+can run in separate invocations (or in parallel) and a last one draws everything:
+
+    python scripts/skipless_vs_standard.py --sizes 256x4 512x8 --steps 100
+    python scripts/skipless_vs_standard.py --sizes 768x12 --steps 100      # later, same WORK
+    python scripts/skipless_vs_standard.py --sizes 256x4 512x8 768x12 --steps 100 \\
+        --json docs/skipless-vs-standard.json --plot docs/skipless-vs-standard.png
+"""
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "mlx_skipless" / "demo" / "skipless-python" / "tokenizer.json"
+KINDS = {
+    "skipless": dict(residual=False, shaped_attention=True),
+    "standard": dict(residual=True, shaped_attention=False),
+}
+
+
+def config(size: str, kind: str) -> dict:
+    """d x L: GLU 3d, 64-wide heads, RoPE, RMSNorm pre-norms and final norm (the demo's shape)."""
+    d, layers = (int(v) for v in size.split("x"))
+    return dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=3 * d,
+                num_attention_heads=max(1, d // 64), mlp_type="glu", hidden_act="silu",
+                position_embedding_type="rope", block_norm="rmsnorm", final_norm="rmsnorm",
+                tie_word_embeddings=False, **KINDS[kind])
+
+
+def run(size: str, kind: str, o) -> dict:
+    out = Path(o.work) / f"{size}-{kind}"
+    state = out / "trainer.json"
+    if state.exists() and json.loads(state.read_text())["options"]["steps"] == o.steps:
+        print(f"[INFO] reusing {out}", flush=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out.parent / f"{size}-{kind}.json").write_text(json.dumps(config(size, kind), indent=2))
+        cmd = [sys.executable, "-m", "mlx_skipless.train", "--config", str(out.parent / f"{size}-{kind}.json"),
+               "--data", "stdlib", "--tokenizer", str(TOKENIZER), "--steps", str(o.steps),
+               "--eval-every", str(o.eval_every), "--save-every", str(o.steps), "--out", str(out / "run")]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+        state.write_text((out / "run" / "trainer.json").read_text())
+    history = json.loads(state.read_text())["history"]
+    return {"size": size, "kind": kind, "steps": [h["step"] for h in history],
+            "val_loss": [h["val_loss"] for h in history]}
+
+
+def table(runs: list) -> str:
+    rows = ["| size (d x layers) | steps | standard val loss | skipless val loss | skipless / standard |",
+            "|---|---|---|---|---|"]
+    by = {(r["size"], r["kind"]): r for r in runs}
+    for size in dict.fromkeys(r["size"] for r in runs):
+        s, k = by.get((size, "standard")), by.get((size, "skipless"))
+        cells = [f"{r['val_loss'][-1]:.3f}" if r else "-" for r in (s, k)]
+        ratio = f"{100 * (k['val_loss'][-1] / s['val_loss'][-1] - 1):+.1f}%" if s and k else "-"
+        steps = (s or k)["steps"][-1]
+        rows.append(f"| {size} | {steps} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(rows)
+
+
+def plot(runs: list, path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {}
+    for r in runs:
+        color = colors.setdefault(r["size"], f"C{len(colors)}")
+        ax.plot(r["steps"], r["val_loss"], color=color, marker="o", ms=3,
+                ls="-" if r["kind"] == "standard" else "--", label=f"{r['size']} {r['kind']}")
+    ax.set_xlabel("step (16 x 128 tokens)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["256x4", "512x8", "768x12"], help="d x layers")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--work", default="skipless-vs-standard-work", help="run directories (reused)")
+    p.add_argument("--json", help="write the validation curves here")
+    p.add_argument("--plot", help="draw them here (needs matplotlib: pip install -e '.[plot]')")
+    o = p.parse_args()
+    runs = [run(size, kind, o) for size in o.sizes for kind in o.kinds]
+    machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    if o.json:
+        Path(o.json).write_text(json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128",
+                                            "runs": runs}, indent=2))
+    if o.plot:
+        plot(runs, o.plot, f"--data stdlib, demo tokenizer, default train flags ({machine})")
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
