@@ -110,10 +110,9 @@ def is_hidden(path: str, w: mx.array) -> bool:
     return path.startswith("model.layers.") and w.ndim >= 2
 
 
-def make_optimizer(args: ModelArgs, lr: float, steps: int, warmup: int, weight_decay: float):
-    """AdamW; block matrices at lr · hidden_lr_scale(args) when that is below one."""
+def make_optimizer(lr: float, scale: float, steps: int, warmup: int, weight_decay: float):
+    """AdamW; the block matrices at lr · scale."""
     adamw = lambda rate: optim.AdamW(schedule(rate, steps, warmup), weight_decay=weight_decay)
-    scale = hidden_lr_scale(args)
     if scale == 1.0:
         return adamw(lr)
     return optim.MultiOptimizer([adamw(lr * scale), adamw(lr)], [is_hidden])
@@ -158,17 +157,19 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
           lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
           ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
           state: dict = None, optimizer_state=None, progress: bool = True, log=print,
-          stop_at: int = None, probe=None) -> dict:
+          stop_at: int = None, probe=None, block_lr_scale: float = None) -> dict:
     """Train to `steps` (from state["step"] when resuming) and return the trainer state.
     `stop_at` ends the run early, as an interruption would, schedule unchanged.
+    `block_lr_scale` defaults to hidden_lr_scale(args).
     `probe(model)`, when given, returns a dict that joins each validation entry
     (e.g. the per-layer signal propagation of mlx_skipless.diagnostics)."""
     state = state or {"step": 0, "history": []}
+    block_lr_scale = hidden_lr_scale(args) if block_lr_scale is None else block_lr_scale
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
                 weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
-                block_lr_scale=hidden_lr_scale(args))
+                block_lr_scale=block_lr_scale)
     state["options"] = opts
-    optimizer = make_optimizer(args, lr, steps, int(warmup * steps), weight_decay)
+    optimizer = make_optimizer(lr, block_lr_scale, steps, int(warmup * steps), weight_decay)
     if optimizer_state is not None:
         optimizer.state = optimizer_state
     eos = tok.token_to_id(data.EOS)
