@@ -7,12 +7,13 @@ same data, tokenizer (the demo's) and steps:
             normfree: this is the model before that step)
   standard  pre-norm transformer with residual adds and plain softmax attention
 
-Runs land in WORK/<size>-<kind>/ and are reused when their step count matches, so sizes
-can run in separate invocations (or in parallel) and a last one draws everything:
+Runs land in WORK/<size>-<kind>/ (checkpoints saved at every evaluation): a finished run
+is reused, an interrupted one resumed, so sizes can run in separate invocations (or in
+parallel) and a last one draws everything, partial runs included with --report-only:
 
     python scripts/skipless_vs_standard.py --sizes 256x4 512x8 --steps 100
     python scripts/skipless_vs_standard.py --sizes 768x12 --steps 100      # later, same WORK
-    python scripts/skipless_vs_standard.py --sizes 256x4 512x8 768x12 --steps 100 \\
+    python scripts/skipless_vs_standard.py --sizes 256x4 512x8 768x12 --steps 100 --report-only \\
         --json docs/skipless-vs-standard.json --plot docs/skipless-vs-standard.png
 """
 
@@ -41,35 +42,41 @@ def config(size: str, kind: str) -> dict:
                 tie_word_embeddings=False, **KINDS[kind])
 
 
-def run(size: str, kind: str, o) -> dict:
+def run(size: str, kind: str, o):
+    """The run's validation curve, training (or resuming) it first unless --report-only."""
     out = Path(o.work) / f"{size}-{kind}"
     state = out / "trainer.json"
-    if state.exists() and json.loads(state.read_text())["options"]["steps"] == o.steps:
-        print(f"[INFO] reusing {out}", flush=True)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{size}-{kind}.json").write_text(json.dumps(config(size, kind), indent=2))
-        cmd = [sys.executable, "-m", "mlx_skipless.train", "--config", str(out.parent / f"{size}-{kind}.json"),
-               "--data", "stdlib", "--tokenizer", str(TOKENIZER), "--steps", str(o.steps),
-               "--eval-every", str(o.eval_every), "--save-every", str(o.steps), "--out", str(out / "run")]
+    done = state.exists() and json.loads(state.read_text())["step"] >= o.steps
+    if not done and not o.report_only:
+        cfg = Path(o.work) / f"{size}-{kind}.json"
+        cfg.write_text(json.dumps(config(size, kind), indent=2))
+        cmd = [sys.executable, "-m", "mlx_skipless.train", "--config", str(cfg), "--data", "stdlib",
+               "--tokenizer", str(TOKENIZER), "--steps", str(o.steps), "--eval-every", str(o.eval_every),
+               "--save-every", str(o.eval_every), "--out", str(out)] + (["--resume"] if state.exists() else [])
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
-        state.write_text((out / "run" / "trainer.json").read_text())
+        subprocess.run(cmd, cwd=REPO, check=True)  # its progress bar shows on stderr
+    if not state.exists():
+        return None
     history = json.loads(state.read_text())["history"]
+    if history[-1]["step"] < o.steps:
+        print(f"[WARN] {out}: step {history[-1]['step']} of {o.steps}", flush=True)
     return {"size": size, "kind": kind, "steps": [h["step"] for h in history],
             "val_loss": [h["val_loss"] for h in history]}
 
 
 def table(runs: list) -> str:
-    rows = ["| size (d x layers) | steps | standard val loss | skipless val loss | skipless / standard |",
+    """Final validation losses, compared at the last step both kinds of a size reached."""
+    rows = ["| size (d x layers) | step | standard val loss | skipless val loss | skipless vs standard |",
             "|---|---|---|---|---|"]
     by = {(r["size"], r["kind"]): r for r in runs}
     for size in dict.fromkeys(r["size"] for r in runs):
-        s, k = by.get((size, "standard")), by.get((size, "skipless"))
-        cells = [f"{r['val_loss'][-1]:.3f}" if r else "-" for r in (s, k)]
-        ratio = f"{100 * (k['val_loss'][-1] / s['val_loss'][-1] - 1):+.1f}%" if s and k else "-"
-        steps = (s or k)["steps"][-1]
-        rows.append(f"| {size} | {steps} | {cells[0]} | {cells[1]} | {ratio} |")
+        pair = [by.get((size, kind)) for kind in ("standard", "skipless")]
+        common = set.intersection(*(set(r["steps"]) for r in pair if r))
+        step = max(common) if common else max(r["steps"][-1] for r in pair if r)
+        loss = [dict(zip(r["steps"], r["val_loss"])).get(step) if r else None for r in pair]
+        cells = [f"{v:.3f}" if v is not None else "-" for v in loss]
+        ratio = f"{100 * (loss[1] / loss[0] - 1):+.1f}%" if None not in loss else "-"
+        rows.append(f"| {size} | {step} | {cells[0]} | {cells[1]} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -101,10 +108,11 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--work", default="skipless-vs-standard-work", help="run directories (reused)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report what WORK holds")
     p.add_argument("--json", help="write the validation curves here")
     p.add_argument("--plot", help="draw them here (needs matplotlib: pip install -e '.[plot]')")
     o = p.parse_args()
-    runs = [run(size, kind, o) for size in o.sizes for kind in o.kinds]
+    runs = [r for size in o.sizes for kind in o.kinds if (r := run(size, kind, o))]
     machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
     if o.json:
         Path(o.json).write_text(json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128",
