@@ -194,7 +194,8 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
     `probe(model)`, when given, returns a dict that joins each validation entry
     (e.g. the per-layer signal propagation of mlx_skipless.diagnostics)."""
     state = state or {"step": 0, "history": []}
-    block_lr_scale = hidden_lr_scale(args) if block_lr_scale is None else block_lr_scale
+    if block_lr_scale is None:  # a resumed run keeps the scale it started with
+        block_lr_scale = state.get("options", {}).get("block_lr_scale", hidden_lr_scale(args))
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
                 weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
                 block_lr_scale=block_lr_scale)

@@ -45,12 +45,13 @@ def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     assert rel_err(logits(loaded, t), logits(model, t)) < 1e-6
 
 
-def test_resume_continues_from_the_same_step(setup, tmp_path):
+@pytest.mark.parametrize("layers", [2, 8])  # 8: block matrices at half the rate (two optimizers)
+def test_resume_continues_from_the_same_step(setup, tmp_path, layers):
     tok, corpus = setup
-    straight, args = fresh(tok)
+    straight, args = fresh(tok, num_hidden_layers=layers)
     train.train(straight, args, tok, corpus, tmp_path / "straight", steps=20, **RUN)
 
-    first, _ = fresh(tok)
+    first, _ = fresh(tok, num_hidden_layers=layers)
     # stop after 10 of 20 steps: train to 10 with the 20-step schedule, as an interrupted run would
     state = train.train(first, args, tok, corpus, tmp_path / "split", steps=20,
                         **{**RUN, "save_every": 10}, stop_at=10)
