@@ -19,6 +19,7 @@ parallel) and a last one draws everything, partial runs included with --report-o
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -114,7 +115,9 @@ def main():
     p.add_argument("--markdown", help="write the table, the machine and this command here")
     o = p.parse_args()
     runs = [r for size in o.sizes for kind in o.kinds if (r := run(size, kind, o))]
-    machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    machine = f"{platform.system()} {platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        machine += ", OpenBLAS preloaded"
     if o.json:
         Path(o.json).write_text(json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128",
                                             "runs": runs}, indent=2))
