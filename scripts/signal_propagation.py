@@ -39,7 +39,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--block-lr-scale", type=float, help="default: the trainer's width/depth scaling")
     p.add_argument("--q-init-scale", type=float, default=0.1)
-    p.add_argument("--orthogonality", type=float, default=0.01)
+    p.add_argument("--orthogonality", type=float, default=1.0)
     p.add_argument("--json", help="write the per-layer rows of every evaluation here")
     o = p.parse_args()
     tok = data.load_tokenizer(TOKENIZER)
