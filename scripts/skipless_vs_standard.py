@@ -26,6 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from mlx_skipless import train
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "mlx_skipless" / "demo" / "skipless-python" / "tokenizer.json"
 KINDS = {
@@ -61,14 +65,16 @@ def run(size: str, kind: str, o):
     history = json.loads(state.read_text())["history"]
     if history[-1]["step"] < o.steps:
         print(f"[WARN] {out}: step {history[-1]['step']} of {o.steps}", flush=True)
+    model = train.load_checkpoint(out)[0]  # what a conversion would invert, at the last save
+    cond = max((float(np.linalg.cond(np.array(w))) for w in train.inverted_candidates(model)), default=None)
     return {"size": size, "kind": kind, "steps": [h["step"] for h in history],
-            "val_loss": [h["val_loss"] for h in history]}
+            "val_loss": [h["val_loss"] for h in history], "max_cond_qkv": cond}
 
 
 def table(runs: list) -> str:
     """Final validation losses, compared at the last step both kinds of a size reached."""
-    rows = ["| size (d x layers) | step | standard val loss | skipless val loss | skipless vs standard |",
-            "|---|---|---|---|---|"]
+    rows = ["| size (d x layers) | step | standard val loss | skipless val loss | skipless vs standard "
+            "| skipless max cond Q/K/V (step) |", "|---|---|---|---|---|---|"]
     by = {(r["size"], r["kind"]): r for r in runs}
     for size in dict.fromkeys(r["size"] for r in runs):
         pair = [by.get((size, kind)) for kind in ("standard", "skipless")]
@@ -77,7 +83,9 @@ def table(runs: list) -> str:
         loss = [dict(zip(r["steps"], r["val_loss"])).get(step) if r else None for r in pair]
         cells = [f"{v:.3f}" if v is not None else "-" for v in loss]
         ratio = f"{100 * (loss[1] / loss[0] - 1):+.1f}%" if None not in loss else "-"
-        rows.append(f"| {size} | {step} | {cells[0]} | {cells[1]} | {ratio} |")
+        k = pair[1]
+        cond = f"{k['max_cond_qkv']:.3g} ({k['steps'][-1]})" if k and k["max_cond_qkv"] else "-"
+        rows.append(f"| {size} | {step} | {cells[0]} | {cells[1]} | {ratio} | {cond} |")
     return "\n".join(rows)
 
 
