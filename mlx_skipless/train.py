@@ -12,7 +12,8 @@ signal neither dies nor explodes without residuals; a small orthogonal Q
 `--orthogonality` penalty pulls the square Q/K/V a later conversion inverts
 towards orthogonal. Its default is 1: at 0.01 (the demo's, which ended at
 condition numbers 1.9-3.9 after 2,000 steps) a d 256 x 4 model after 100 steps
-had a Q with condition number 3,406 (d 512 x 8: 19,849 at step 40), too
+had a Q with condition number 3,406 (d 512 x 8: square Q/K/V up to 12,500
+at step 100), too
 ill-conditioned to invert in bfloat16; at 1 it had 1.5-4.7, and a lower
 validation loss (4.50 against 4.56; README, "Training recipe at scale").
 

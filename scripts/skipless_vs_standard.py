@@ -130,7 +130,7 @@ def main():
         Path(o.json).write_text(json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128",
                                             "runs": runs}, indent=2))
     if o.plot:
-        plot(runs, o.plot, f"--data stdlib, demo tokenizer, default train flags ({machine})")
+        plot(runs, o.plot, f"default train flags, --data stdlib, demo tokenizer\n{machine}")
     print(table(runs))
     if o.markdown:
         command = "python scripts/skipless_vs_standard.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
