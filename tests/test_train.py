@@ -1,7 +1,5 @@
 """Acceptance (issue 5): training, resuming, and norm removal on tiny models."""
 
-import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from harness import logits, rel_err, tokens
-from mlx_skipless import data, modeldir, normfree, train
+from mlx_skipless import data, diagnostics, modeldir, normfree, train
 from mlx_skipless.checkpoint import staged_directory
 from mlx_skipless.convert import convert
 from mlx_skipless.loading import load_model
@@ -46,12 +44,13 @@ def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     assert rel_err(logits(loaded, t), logits(model, t)) < 1e-6
 
 
-def test_resume_continues_from_the_same_step(setup, tmp_path):
+@pytest.mark.parametrize("layers", [2, 8])  # 8: block matrices at half the rate (two optimizers)
+def test_resume_continues_from_the_same_step(setup, tmp_path, layers):
     tok, corpus = setup
-    straight, args = fresh(tok)
+    straight, args = fresh(tok, num_hidden_layers=layers)
     train.train(straight, args, tok, corpus, tmp_path / "straight", steps=20, **RUN)
 
-    first, _ = fresh(tok)
+    first, _ = fresh(tok, num_hidden_layers=layers)
     # stop after 10 of 20 steps: train to 10 with the 20-step schedule, as an interrupted run would
     state = train.train(first, args, tok, corpus, tmp_path / "split", steps=20,
                         **{**RUN, "save_every": 10}, stop_at=10)
@@ -120,3 +119,30 @@ def test_reduced_and_norm_skip_forms_train_directly(setup, tmp_path, form):
     before = train.evaluate(model, corpus, 32)
     state = train.train(model, args, tok, corpus, tmp_path / "run", steps=20, **RUN)
     assert state["history"][-1]["val_loss"] < before - 0.3
+
+
+def test_block_learning_rate_shrinks_with_width_and_depth():
+    base = dict(intermediate_size=64, num_attention_heads=4, vocab_size=300)
+    scale = lambda d, n: train.hidden_lr_scale(ModelArgs(hidden_size=d, num_hidden_layers=n, **base))
+    assert scale(64, 4) == scale(256, 4) == 1.0  # the demo and the test models train as before
+    assert scale(512, 4) == scale(256, 8) == 0.5 and scale(512, 8) == 0.25
+
+
+def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
+    """The failure the block learning rate fixes (issue 19): with every matrix at the full
+    rate, a deep stack without skips maps every position to nearly the same vector within
+    a few steps (rank collapse: mean cosine between positions -> 1 at the last layer) and
+    then predicts only token frequencies."""
+    tok, corpus = setup
+    x = mx.array(next(corpus.validation(1, 8, 32))[0])
+    last_cos = lambda m: diagnostics.signal_propagation(m, x)[-1]["cos"]
+    cos = {}
+    for label, scale in (("scaled", None), ("flat", 1.0)):  # default: 4/16
+        model, args = fresh(tok, hidden_size=64, num_hidden_layers=16, intermediate_size=192,
+                            shaped_attention=True)
+        train.initialize(model, seed=0, q_scale=0.1)
+        assert last_cos(model) < 0.1  # orthogonal init: no collapse to begin with
+        train.train(model, args, tok, corpus, tmp_path / label, steps=10, block_lr_scale=scale,
+                    **{**RUN, "lr": 1e-3, "eval_every": 10**6, "save_every": 10**6})
+        cos[label] = last_cos(model)
+    assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.10 and 0.87

@@ -1,0 +1,72 @@
+"""Signal propagation through a stack of blocks: what a skipless model needs to train.
+
+Without residual adds every block must pass on both the scale and the token-to-token
+differences of its input; `signal_propagation` measures both, per layer, on a batch:
+
+  rms        root mean square of the block's output
+  cos        mean cosine similarity between the positions of a sequence at the
+             block's output; 1 is rank collapse (every token looks the same, the
+             model can only predict token frequencies)
+  attn_cos   the same at the attention's output, before the FFN
+  entropy    entropy of the attention softmax over the causal window, divided by
+             that of the uniform window (1: uniform, 0: one key per query)
+  alpha, beta, gamma   the mean shaped-attention coefficients (when present)
+"""
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import create_attention_mask
+
+
+def _mean_cosine(h: mx.array) -> float:
+    """Mean over sequences of the mean off-diagonal cosine between positions."""
+    u = h / mx.maximum(mx.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+    g = u @ u.swapaxes(-1, -2)
+    L = h.shape[1]
+    return ((mx.sum(g, axis=(-1, -2)) - L) / (L * (L - 1))).mean().item()
+
+
+def attention_entropy(attn, x: mx.array) -> float:
+    """Normalized entropy of the softmax of `attn` (an Attention) applied to `x`."""
+    B, L, _ = x.shape
+    q = attn._project("q_proj", x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = attn._project("k_proj", x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if attn.rope is not None:
+        q, k = attn.rope(q), attn.rope(k)
+    k = mx.repeat(k, attn.n_heads // attn.n_kv_heads, axis=1)
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    logits = mx.where(causal, (q * attn.scale) @ k.swapaxes(-1, -2), -mx.inf)
+    p = mx.softmax(logits, axis=-1, precise=True)
+    h = -mx.sum(mx.where(causal, p * mx.log(mx.maximum(p, 1e-30)), 0.0), axis=-1)
+    uniform = mx.log(mx.arange(1, L + 1, dtype=mx.float32))
+    return (mx.sum(h, axis=-1)[..., 1:] / mx.sum(uniform[1:])).mean().item() if L > 1 else 1.0
+
+
+def signal_propagation(model, inputs: mx.array) -> list:
+    """One dict per layer (see the module docstring) for `inputs` (batch, length)."""
+    h = model.model.embed(inputs)
+    mask = create_attention_mask(h, None)
+    rows = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        x = layer._norm("input_layernorm", h)
+        row = {"entropy": attention_entropy(attn, x) if "q_proj" in attn and "k_proj" in attn else None}
+        a = attn(x, mask)
+        row["attn_cos"] = _mean_cosine(a)
+        h = layer(h, mask)
+        row.update(rms=mx.sqrt(mx.mean(mx.square(h))).item(), cos=_mean_cosine(h))
+        for name in ("alpha", "beta", "gamma"):
+            if name in attn:
+                row[name] = float(np.mean(np.array(attn[name])))
+        rows.append(row)
+    return rows
+
+
+def table(rows: list) -> str:
+    """The per-layer rows as fixed-width text, one line per layer."""
+    keys = [k for k in ("rms", "cos", "attn_cos", "entropy", "alpha", "beta", "gamma") if k in rows[0]]
+    lines = ["layer " + " ".join(f"{k:>8}" for k in keys)]
+    for i, r in enumerate(rows):
+        cells = ("       -" if r[k] is None else f"{r[k]:8.3f}" for k in keys)
+        lines.append(f"{i:5d} " + " ".join(cells))
+    return "\n".join(lines)
