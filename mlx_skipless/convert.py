@@ -69,31 +69,37 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
 
     merge_p = "p" if fusion.merges_p(args) else ""
     tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
-    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress)
+    # Products that invert nothing need float64 only for a float32 output.
+    products = np.float64 if dtype == "float32" and not quant else np.float32
+    passes = _Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress, products)
     planning, notes = None, {}
+    unit = max(UNIT_ROUNDOFF[dtype], 2.0 ** -q_bits if quant else 0.0)
     if remove != "auto":
-        forms = [remove + merge_p] * args.num_hidden_layers
+        plan = [remove + merge_p] * args.num_hidden_layers
+    elif verify_output:  # the ladder's top rung, decided block by block as each is read
+        plan = lambda row: planner.ladder([row], merge_p)[0][0]  # noqa: E731
     else:
-        conds = condition_numbers(ckpt)
-        rungs = planner.ladder(conds, merge_p)
-        unit = max(UNIT_ROUNDOFF[dtype], 2.0 ** -q_bits if quant else 0.0)
-        if verify_output:
-            forms = rungs[0]
-        else:
-            forms, notes = planner.bound_plan(conds, unit, merge_p)
-            planning = {"method": "bound: keep B where cond(B) is past "
-                        f"max({planner.MAX_AMPLIFICATION:g}, {planner.AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
+        plan = lambda row: planner.bound_plan([row], unit, merge_p)[0][0]  # noqa: E731
+        planning = {"method": "bound: keep B where cond(B) is past "
+                    f"max({planner.MAX_AMPLIFICATION:g}, {planner.AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
 
     with staged_directory(out, force) as staging:
-        result = passes.write(staging, forms)
+        result = passes.write(staging, plan)
+        forms = result.forms
         if result.verification and not np.isfinite(result.verification["stored"]["original"]["kl"]):
             raise CheckpointError(f"the original model itself is not finite when stored as {stored_as} "
                                   "(overflow on the probe tokens): choose a wider --dtype")
-        if remove == "auto" and verify_output:
-            doubtful = len(planner.doubtful(conds, unit))
-            forms, result, planning = _measured_plan(passes, staging, rungs, doubtful, result, budget,
-                                                     stored_as, log)
-            notes = planner.notes_for(conds, forms, f"removing it put the model over the budget in {stored_as}")
+        if remove == "auto":
+            conds = passes.conds
+            if verify_output:
+                rungs = planner.ladder(conds, merge_p)
+                doubtful = len(planner.doubtful(conds, unit))
+                forms, result, planning = _measured_plan(passes, staging, rungs, doubtful, result, budget,
+                                                         stored_as, log)
+                notes = planner.notes_for(conds, forms, f"removing it put the model over the budget in {stored_as}")
+            else:
+                notes = planner.notes_for(conds, forms, f"exceeds the bound's limit {planner.bound_limit(unit):.3g} "
+                                          "(nothing measured)")
         for i, note in notes.items():
             log(f"[layer {i}] {note}")
 
@@ -170,6 +176,7 @@ def _measured_plan(passes, staging, rungs, doubtful, first, budget, stored_as, l
 
 
 class _Pass(NamedTuple):
+    forms: list
     args: object
     inverted: list
     verification: Optional[dict]
@@ -180,33 +187,76 @@ class _Passes:
     """Streaming passes over a checkpoint: fuse every block to a plan, store it
     in the target dtype, and push the probe tokens through the models that are
     compared, one block at a time, so memory holds two blocks plus the
-    embeddings. The original's logits come from the first pass only."""
+    embeddings. Each block is read once a pass; the original's logits come from
+    the first pass only, and so do the condition numbers (`conds`, per layer)."""
 
-    def __init__(self, ckpt, target, quant, stored_as, tokens, progress):
+    def __init__(self, ckpt, target, quant, stored_as, tokens, progress, products=np.float64):
         self.ckpt, self.target, self.quant, self.stored_as = ckpt, target, quant, stored_as
-        self.tokens, self.progress = tokens, progress
-        self.reference = {}
+        self.tokens, self.progress, self.products = tokens, progress, products
+        self.reference, self.conds = {}, None
 
-    def write(self, staging, forms) -> _Pass:
-        """Write the converted model into `staging` and verify it."""
+    def write(self, staging, plan) -> _Pass:
+        """Write the converted model into `staging` and verify it. `plan` is the
+        list of forms, or a function from a layer's condition numbers to its form."""
         writer = ShardWriter(staging)
         names = () if self.tokens is None else (
             ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
-        new_args, inverted, logits = self._run(forms, names, writer)
+        forms, new_args, inverted, logits = self._run(plan, names, writer)
         self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
         verification = _verification(logits, self.reference, self.stored_as, self.tokens.shape) if names else None
-        return _Pass(new_args, inverted, verification, writer)
+        return _Pass(forms, new_args, inverted, verification, writer)
 
     def evaluate(self, forms) -> dict:
         """The stored converted model's figures, nothing written."""
-        _, _, logits = self._run(forms, ("converted_stored",), None)
+        _, _, _, logits = self._run(forms, ("converted_stored",), None)
         return verify.compare(logits["converted_stored"], self.reference["original"])
 
-    def _run(self, forms, names, writer):
+    def _choose(self, plan, conds):
+        """choose(i, block) for fusion.fuse_layers: the form and basis of block i."""
+        square = fusion.square_projections(self.ckpt.args)
+
+        def choose(i, layer):
+            if callable(plan):  # every square projection weighed, its condition number kept
+                bases = {n: fusion.basis_of(layer, n, i, check=False) for n in square}
+                conds[i] = {n: b.inverted.cond for n, b in bases.items()}
+                form = plan(conds[i])
+                return form, bases.get(form.replace("p", ""))
+            basis = fusion.basis_of(layer, plan[i], i)
+            conds[i] = {basis.inverted.matrix[0]: basis.inverted.cond} if basis else {}
+            return plan[i], basis
+
+        return choose
+
+    def _run(self, plan, names, writer):
         ckpt, args = self.ckpt, self.ckpt.args
+        L = args.num_hidden_layers
+        others, conds, chosen = {}, [None] * L, {}  # per block: tensors fusion passes through (norms)
+
+        def read(i):
+            linear, others[i] = layout.layer_from_flat(ckpt.layer(i, np.float32), np.float32)
+            return linear
+
+        choose = self._choose(plan, conds)
+
+        def choose_once(i, layer):
+            if i not in chosen:
+                chosen[i] = choose(i, layer)
+            return chosen[i]
+
+        if callable(plan):
+            # Decided block by block: later forms are provisional until their block is
+            # read. Each block's module is built once its form is known, and the config's
+            # other fields must not depend on them (checked at the end).
+            first_block = read(0)
+            typical = plan({n: 1.0 for n in fusion.square_projections(args)})
+            forms = [choose_once(0, first_block)[0]] + [typical] * (L - 1)
+        else:
+            forms = list(plan)
         new_args = fusion.reduced_args(args, forms)
-        first = fusion.basis_of(_affines(ckpt.layer(0)), forms[0], 0)
-        shells = _shells(ckpt, new_args, first, self.target, self.quant, names)
+        if not callable(plan):
+            first_block = read(0)
+        first = choose_once(0, first_block)[1]
+        shells = _shells(ckpt, new_args, first, self.target, self.quant, names, self.products)
         if writer:
             writer.add(dict(tree_flatten(shells["converted_stored"].parameters())))
         streams = verify.Streams(self.tokens)
@@ -216,47 +266,49 @@ class _Passes:
                 shells[name].model.pop("embed_tokens")  # from here on only the head is used
         shells = {n: shells[n] for n in names}  # the written shell need not stay
 
-        others = {}  # per block, tensors fusion passes through (attention shape)
-
-        def read(i):
-            linear, others[i] = layout.layer_from_flat(ckpt.layer(i))
-            return linear
-
-        layers = fusion.fuse_layers(read, forms, args.parallel_block)
+        pending = {0: first_block}  # read once: the generator takes it from here
+        del first_block
+        layers = fusion.fuse_layers(lambda i: pending.pop(i) if i in pending else read(i), L, choose_once,
+                                    args.parallel_block, self.products)
         inverted = []
         desc = "fusing" if writer else "trying"
-        for i, (original, fused, inv) in enumerate(_progress(layers, len(forms), self.progress, desc)):
-            inverted.append(inv)
+        for i, (original, form, basis, fused) in enumerate(_progress(layers, L, self.progress, desc)):
+            new_args.removed[i] = form
+            inverted.append(basis and basis.inverted)
             passed = others.pop(i)
             fused_flat = {**layout.layer_to_flat(fused, new_args), **passed}
-            blocks = {"converted_stored": lambda: store(block_module(new_args, i, fused_flat), self.target, self.quant),
-                      "converted": lambda: block_module(new_args, i, fused_flat)}
-            if set(names) & set(ORIGINALS):
-                orig_flat = {**layout.layer_to_flat(original, args), **passed}
-                blocks.update(original=lambda: block_module(args, i, orig_flat),
-                              original_stored=lambda: store(block_module(args, i, orig_flat), self.target, self.quant))
-            stored = blocks["converted_stored"]()
+            del fused
+            stored = store(block_module(new_args, i, fused_flat), self.target, self.quant)
             if writer:
                 writer.add({f"model.layers.{i}.{k}": v for k, v in tree_flatten(stored.parameters())})
+            # One model at a time: each is built, advanced by one block and dropped.
+            build = {"converted_stored": lambda: stored,
+                     "converted": lambda: block_module(new_args, i, fused_flat),
+                     "original": lambda: block_module(args, i, orig_flat),
+                     "original_stored": lambda: store(block_module(args, i, orig_flat), self.target, self.quant)}
+            orig_flat = {**layout.layer_to_flat(original, args), **passed} if set(names) & set(ORIGINALS) else None
             for name in names:
-                streams.step(name, stored if name == "converted_stored" else blocks[name]())
+                streams.step(name, build[name]())
+            del stored, fused_flat, original, orig_flat, build
             # MLX keeps freed buffers for reuse; each block's shapes recur, the cache need not.
             mx.clear_cache()
-        return new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
+        if fusion.reduced_args(args, new_args.removed) != new_args:  # a provisional field was wrong
+            if writer:
+                writer.discard()
+            return self._run(list(new_args.removed), names, ShardWriter(writer.directory) if writer else None)
+        if self.conds is None:
+            self.conds = conds
+        return list(new_args.removed), new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
 
 
-def _affines(tensors):
-    return layout.layer_from_flat(tensors)[0]
-
-
-def _shells(ckpt, new_args, first, target, quant, names):
+def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):
     """Embeddings, final norm and head as MLX models without blocks: the converted
     one as stored, and those of `names` (original, converted, as stored or in
     float32). The float64 tensors are freed on return; they are the largest thing held."""
     args, tensors = ckpt.args, ckpt.globals()
     embed, positions, head = fusion.fuse_embeddings(
         tensors["model.embed_tokens.weight"], tensors.get("model.embed_positions.weight"),
-        None if args.tie_word_embeddings else tensors["lm_head.weight"].T, first and first[0])
+        None if args.tie_word_embeddings else tensors["lm_head.weight"].T, first, dtype=products)
     fused = {k: v for k, v in tensors.items() if "norm" in k}
     fused["model.embed_tokens.weight"] = embed
     if positions is not None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Dict
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -77,17 +79,53 @@ def is_degraded(converted: Dict[str, float], rounding: Dict[str, float]) -> bool
     return not CLEARLY_WORSE.admits(converted, rounding)
 
 
+class NumpyLinear(nn.Module):
+    """A Linear or QuantizedLinear layer computed by numpy's BLAS in float32.
+
+    MLX on a CPU multiplies with a slow reference BLAS unless another is preloaded;
+    numpy brings an optimized one. Quantized weights are dequantized once. Inputs and
+    weights hold the values of their dtype, products accumulate in float32 and the
+    output is rounded to the dtype the layer would have returned, as MLX does."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        if isinstance(layer, nn.QuantizedLinear):
+            weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size,
+                                   layer.bits, mode=layer.mode)
+            self.dtype = None  # the input's
+        else:
+            weight, self.dtype = layer.weight, layer.weight.dtype
+        self.w = np.asarray(weight.astype(mx.float32)).T  # (in, out); no copy for float32
+        self.b = np.asarray(layer.bias.astype(mx.float32)) if "bias" in layer else None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = np.asarray(x.astype(mx.float32)).reshape(-1, self.w.shape[0]) @ self.w
+        if self.b is not None:
+            y += self.b
+        dtype = x.dtype if self.dtype is None or x.dtype == self.dtype else mx.float32
+        return mx.array(y.reshape(*x.shape[:-1], -1)).astype(dtype)
+
+
+def on_numpy(module: nn.Module) -> nn.Module:
+    """`module` with every Linear and QuantizedLinear layer computed by numpy (in place)."""
+    swap = lambda m: NumpyLinear(m) if isinstance(m, (nn.Linear, nn.QuantizedLinear)) else m  # noqa: E731
+    module.update_modules(tree_map(swap, module.leaf_modules(), is_leaf=nn.Module.is_module))
+    return module
+
+
 class Streams:
-    """Probe tokens pushed through several models that arrive one block at a time."""
+    """Probe tokens pushed through several models that arrive one block at a time;
+    their matrix products run on numpy's BLAS, so verifying costs what converting does."""
 
     def __init__(self, tokens: mx.array):
         self.tokens, self.h = tokens, {}
 
     def start(self, name, shell):
         self.h[name] = shell.model.embed(self.tokens)
+        on_numpy(shell)
 
     def step(self, name, block):
-        self.h[name] = block(self.h[name], "causal")
+        self.h[name] = on_numpy(block)(self.h[name], "causal")
         mx.eval(self.h[name])
 
     def finish(self, name, shell) -> np.ndarray:
