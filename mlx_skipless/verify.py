@@ -99,9 +99,10 @@ class NumpyLinear(nn.Module):
         self.b = np.asarray(layer.bias.astype(mx.float32)) if "bias" in layer else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = np.asarray(x.astype(mx.float32)).reshape(-1, self.w.shape[0]) @ self.w
-        if self.b is not None:
-            y += self.b
+        with np.errstate(all="ignore"):  # overflow gives inf, as in MLX: verification reports it
+            y = np.asarray(x.astype(mx.float32)).reshape(-1, self.w.shape[0]) @ self.w
+            if self.b is not None:
+                y += self.b
         dtype = x.dtype if self.dtype is None or x.dtype == self.dtype else mx.float32
         return mx.array(y.reshape(*x.shape[:-1], -1)).astype(dtype)
 

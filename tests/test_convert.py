@@ -255,3 +255,22 @@ def test_main_job_runs_on_the_embedded_default_with_no_arguments(tmp_path, monke
     assert not config["conversion"]["verification"]["degraded"]
     assert generate_cli.main(["--max-tokens", "12"]) == 0
     assert "Generation:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("remove", ["q", "auto"])
+def test_each_block_is_read_once(tmp_path, monkeypatch, remove):
+    from collections import Counter
+
+    from mlx_skipless.loading import SkiplessCheckpoint
+
+    src, args, _ = write(tmp_path, "llama")
+    reads, read = Counter(), SkiplessCheckpoint.layer
+
+    def counted(self, i, *a, **kw):
+        reads[i] += 1
+        return read(self, i, *a, **kw)
+
+    monkeypatch.setattr(SkiplessCheckpoint, "layer", counted)
+    report = convert(str(src), str(tmp_path / "out"), remove=remove, **quiet())
+    assert len(report["plan"]["trials"]) == 1 if remove == "auto" else "plan" not in report
+    assert reads == {i: 1 for i in range(args.num_hidden_layers)}
