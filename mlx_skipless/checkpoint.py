@@ -130,6 +130,16 @@ class ShardWriter:
             self.spool.write(data)
             self.total_bytes += len(data)
 
+    def read(self, key: str) -> mx.array:
+        """A tensor added earlier, read back from the spool (for passes that reuse it)."""
+        self.spool.flush()
+        _, dtype, shape, start, nbytes = next(e for e in self.entries if e[0] == key)
+        stored = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+        raw = np.fromfile(self.spool_path, np.uint8, nbytes, offset=start)
+        if stored == mx.bfloat16:
+            return mx.array(raw.view(np.uint16)).view(mx.bfloat16).reshape(shape)
+        return mx.array(raw).view(stored).reshape(shape)
+
     def discard(self):
         self.spool.close()
         self.spool_path.unlink()

@@ -10,7 +10,7 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -22,6 +22,7 @@ from . import __version__, counting, fusion, layout, planner, verify
 from .checkpoint import CheckpointError, ShardWriter, copy_tokenizer, staged_directory
 from .loading import SkiplessCheckpoint, block_module, shell_module, store
 from .models import skipless
+from .models.skipless import Block
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -158,9 +159,10 @@ def _measured_plan(passes, staging, rungs, doubtful, first, budget, stored_as, l
     if not admits(0):
         log(f"[PLAN] removing every removable Q/K/V is over the fidelity budget in {stored_as}; "
             "searching for the largest plan within it")
-        first.writer.discard()
         # the P-merged rung is a reference rounding itself: within budget by definition
         chosen = planner.search(admits, len(rungs) - 1 if p_merged is None else p_merged)
+        first.writer.discard()  # the trials read it
+        passes.top = None
         first = passes.write(staging, rungs[chosen])
     if "p_merged" in noise:
         v = first.verification
@@ -194,6 +196,7 @@ class _Passes:
         self.ckpt, self.target, self.quant, self.stored_as = ckpt, target, quant, stored_as
         self.tokens, self.progress, self.products = tokens, progress, products
         self.reference, self.conds = {}, None
+        self.top = None  # the first pass written: what trials of other plans reuse
 
     def write(self, staging, plan) -> _Pass:
         """Write the converted model into `staging` and verify it. `plan` is the
@@ -208,8 +211,49 @@ class _Passes:
 
     def evaluate(self, forms) -> dict:
         """The stored converted model's figures, nothing written."""
-        _, _, _, logits = self._run(forms, ("converted_stored",), None)
-        return verify.compare(logits["converted_stored"], self.reference["original"])
+        logits = self._reuse(forms)
+        if logits is None:
+            _, _, _, run = self._run(forms, ("converted_stored",), None)
+            logits = run["converted_stored"]
+        return verify.compare(logits, self.reference["original"])
+
+    def _reuse(self, forms):
+        """The logits of the stored model for `forms` that differ from the first
+        written pass only in which layers keep their Q/K/V, built from what that
+        pass wrote: a layer that keeps its basis reads its input through the
+        original Q, K, V (and, parallel, FFN inputs); the layer before it emits its
+        output plainly (the original FFN output, and o_proj if parallel). Those
+        matrices are the original's, stored the same way; nothing is fused again, and
+        the probe restarts from the activations cached at the block before the
+        first change. None where the plans differ otherwise."""
+        if self.top is None:
+            return None
+        top_forms, top_args, writer, entering, shell = self.top
+        args, L = self.ckpt.args, self.ckpt.args.num_hidden_layers
+        new_args = fusion.reduced_args(args, forms)
+        changed = [i for i in range(L) if forms[i] != top_forms[i]]
+        if (replace(new_args, removed=top_forms) != top_args or not changed
+                or any(forms[i].replace("p", "") and top_forms[i].replace("p", "") for i in changed)
+                or any(forms[i].count("p") != top_forms[i].count("p") for i in changed)):
+            return None
+        start = max(changed[0] - 1, 0)
+        streams = verify.Streams(self.tokens)
+        streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
+        readers = {"q_proj", "k_proj", "v_proj"} | (set(fusion.FFN_IN_LEAVES) if args.parallel_block else set())
+        emitters = set(fusion.FFN_OUT_LEAVES) | ({"o_proj"} if args.parallel_block else set())
+        for i in _progress(range(start, L), L - start, self.progress, "trying"):
+            block = store(Block(new_args, forms[i]), self.target, self.quant)
+            original = {}
+            take = (readers if i in changed else set()) | (emitters if i + 1 in changed else set())
+            if take:
+                original = dict(tree_flatten(store(block_module(args, i, self.ckpt.layer(i, np.float32)),
+                                                   self.target, self.quant).parameters()))
+            tensors = [(k, original[k] if k.rsplit(".", 2)[-2] in take else writer.read(f"model.layers.{i}.{k}"))
+                       for k, _ in tree_flatten(block.parameters())]
+            block.load_weights(tensors)
+            streams.step("converted_stored", block)
+            mx.clear_cache()
+        return streams.finish("converted_stored", shell)
 
     def _choose(self, plan, conds):
         """choose(i, block) for fusion.fuse_layers: the form and basis of block i."""
@@ -262,6 +306,7 @@ class _Passes:
         streams = verify.Streams(self.tokens)
         for name in names:
             streams.start(name, shells[name])
+            embedded = streams.h[name]  # the last: the original as stored, where verified
             if not shells[name].args.tie_word_embeddings:
                 shells[name].model.pop("embed_tokens")  # from here on only the head is used
         shells = {n: shells[n] for n in names}  # the written shell need not stay
@@ -272,8 +317,11 @@ class _Passes:
                                     args.parallel_block, self.products)
         inverted = []
         desc = "fusing" if writer else "trying"
+        entering = {}  # the stored converted model's activations entering each block
         for i, (original, form, basis, fused) in enumerate(_progress(layers, L, self.progress, desc)):
             new_args.removed[i] = form
+            if "converted_stored" in names:
+                entering[i] = streams.h["converted_stored"]
             inverted.append(basis and basis.inverted)
             passed = others.pop(i)
             fused_flat = {**layout.layer_to_flat(fused, new_args), **passed}
@@ -298,6 +346,9 @@ class _Passes:
             return self._run(list(new_args.removed), names, ShardWriter(writer.directory) if writer else None)
         if self.conds is None:
             self.conds = conds
+        if writer and self.top is None and "original_stored" in names:
+            entering[-1] = embedded  # where a plan that changes layer 0 starts
+            self.top = (list(new_args.removed), new_args, writer, entering, shells["converted_stored"])
         return list(new_args.removed), new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
 
 
