@@ -331,8 +331,8 @@ class _Passes:
                 writer.add({f"model.layers.{i}.{k}": v for k, v in tree_flatten(stored.parameters())})
             # One model at a time: each is built, advanced by one block and dropped.
             build = {"converted_stored": lambda: stored,
-                     "converted": lambda: block_module(new_args, i, fused_flat),
-                     "original": lambda: block_module(args, i, orig_flat),
+                     "converted": lambda: verify.on_numpy(Block(new_args, form), fused_flat),
+                     "original": lambda: verify.on_numpy(Block(args, args.removed[i]), orig_flat),
                      "original_stored": lambda: store(block_module(args, i, orig_flat), self.target, self.quant)}
             orig_flat = {**layout.layer_to_flat(original, args), **passed} if set(names) & set(ORIGINALS) else None
             for name in names:
@@ -367,10 +367,14 @@ def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):
     if not new_args.tie_word_embeddings:
         fused["lm_head.weight"] = head.T
     build = {"converted_stored": lambda: store(shell_module(new_args, fused), target, quant),
-             "converted": lambda: shell_module(new_args, fused),
-             "original": lambda: shell_module(args, tensors),
+             "converted": lambda: verify.on_numpy(_shell(new_args), fused),
+             "original": lambda: verify.on_numpy(_shell(args), tensors),
              "original_stored": lambda: store(shell_module(args, tensors), target, quant)}
     return {n: build[n]() for n in {"converted_stored", *names}}
+
+
+def _shell(args):
+    return skipless.Model(replace(args, num_hidden_layers=0, removed=[]))  # lazy: allocates nothing
 
 
 def _progress(iterable, total, enabled, desc):

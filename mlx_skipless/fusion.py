@@ -214,7 +214,7 @@ def condition_number(W: np.ndarray, inverse: Optional[np.ndarray] = None) -> flo
     The SVD's figure up to EXACT_COND_SIZE; above, given B⁻¹, ‖B‖₂·‖B⁻¹‖₂ by
     block power iteration, a few passes over each matrix instead of an SVD (ten
     times the work of the inverse at d = 4096). Power iteration approaches each
-    norm from below; within 1% of the SVD's figure on the matrices tested."""
+    norm from below; within 3% of the SVD's figure on the matrices tested."""
     if inverse is None or W.shape[-1] <= EXACT_COND_SIZE:
         s = np.linalg.svd(np.asarray(W, np.float64), compute_uv=False)
         return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
@@ -223,11 +223,12 @@ def condition_number(W: np.ndarray, inverse: Optional[np.ndarray] = None) -> flo
     return float(spectral_norm(W) * spectral_norm(inverse))
 
 
-def spectral_norm(A: np.ndarray, iters: int = 16, block: int = 8, seed: int = 0) -> float:
-    """‖A‖₂ by block power iteration on AᵀA (a lower bound that converges fast when
-    the top singular value stands clear of the rest)."""
-    A = np.asarray(A, np.float64)
-    X = np.random.default_rng(seed).standard_normal((A.shape[1], block))
+def spectral_norm(A: np.ndarray, iters: int = 10, block: int = 16, seed: int = 0) -> float:
+    """‖A‖₂ by block power iteration on AᵀA in float32, enough for a condition number's
+    leading digits (a lower bound that converges fast when the top singular value
+    stands clear of the rest)."""
+    A = np.asarray(A, np.float32)
+    X = np.random.default_rng(seed).standard_normal((A.shape[1], block), dtype=np.float32)
     for _ in range(iters):
         X, _ = np.linalg.qr(A.T @ (A @ X))
     return float(np.linalg.svd(A @ X, compute_uv=False)[0])

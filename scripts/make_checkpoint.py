@@ -4,7 +4,7 @@ Random, well-conditioned weights (square projections I + noise) stored as bfloat
 one safetensors shard per block plus one for the embeddings, so writing holds one
 block at a time whatever the depth. For conversion benchmarks at real sizes:
 
-    python scripts/make_checkpoint.py /work/bigtmp/mistral-7b --preset mistral-7b
+    python scripts/make_checkpoint.py /work/bigtmp/mistral-7b --preset mistral-7b --distinct 4
     python scripts/make_checkpoint.py /tmp/one --preset mistral-7b --layers 1 --standard
 """
 
@@ -40,28 +40,39 @@ def preset_args(preset: str, layers=None) -> ModelArgs:
     return ModelArgs(**fields)
 
 
-def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool = False, progress=None):
+def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool = False, progress=None,
+                     distinct: int = 0):
     """A llama-layout checkpoint of `args`, written one block at a time: skipless (declared
     so in config.json), or with `standard` a stock llama of the same shape (its two norms per
-    block added), the model that mlx_lm convert handles."""
+    block added), the model that mlx_lm convert handles. With `distinct` > 0 only that many
+    random blocks are drawn and repeated in turn (drawing dominates writing on a small CPU)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
-    weight_map = {}
+    weight_map, pool = {}, []
 
     def save(name, tensors):
-        mx.save_safetensors(str(path / name), {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()},
-                            metadata={"format": "pt"})
+        mx.save_safetensors(str(path / name), tensors, metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
 
+    def bf16(tensors):
+        return {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()}
+
     d = args.hidden_size
-    save("embed.safetensors", {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
-                               "model.norm.weight": np.ones(d, np.float32),
-                               "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5})
+    save("embed.safetensors", bf16({
+        "model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
+        "model.norm.weight": np.ones(d, np.float32),
+        "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5}))
     for i in range(args.num_hidden_layers):
-        block = synthetic.random_block(args, rng, dtype=np.float32)
-        if standard:
-            block.update({"input_layernorm.weight": np.ones(d, np.float32),
-                          "post_attention_layernorm.weight": np.ones(d, np.float32)})
+        if distinct and i >= distinct:
+            block = pool[i % distinct]
+        else:
+            block = bf16(synthetic.random_block(args, rng, dtype=np.float32))
+            if standard:
+                block.update(bf16({"input_layernorm.weight": np.ones(d, np.float32),
+                                   "post_attention_layernorm.weight": np.ones(d, np.float32)}))
+            mx.eval(block)
+            if distinct:
+                pool.append(block)
         save(f"layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": v for k, v in block.items()})
         del block
         if progress:
@@ -84,13 +95,15 @@ def main(argv=None):
     p.add_argument("--layers", type=int, help="depth (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standard", action="store_true", help="a stock llama of the same shape (with norms)")
+    p.add_argument("--distinct", type=int, default=0,
+                   help="draw only this many random blocks and repeat them (default 0: every block drawn)")
     opts = p.parse_args(argv)
     if opts.path.exists():
         print(f"error: {opts.path} exists", file=sys.stderr)
         return 1
     args = preset_args(opts.preset, opts.layers)
     start = time.perf_counter()
-    write_checkpoint(opts.path, args, opts.seed, opts.standard,
+    write_checkpoint(opts.path, args, opts.seed, opts.standard, distinct=opts.distinct,
                      progress=lambda i: print(f"\rwrote block {i}/{args.num_hidden_layers} "
                                               f"({time.perf_counter() - start:.0f} s)", end="", flush=True))
     print(f"\n{opts.path}: {sum(f.stat().st_size for f in opts.path.iterdir()) / 1e9:.2f} GB")

@@ -159,7 +159,7 @@ def test_condition_number_estimate_from_the_inverse_matches_the_svd(monkeypatch,
     rng = np.random.default_rng(0)
     W = np.eye(128) + noise * rng.standard_normal((128, 128)) / np.sqrt(128)
     estimate = fusion.condition_number(W, np.linalg.inv(W))
-    assert estimate == pytest.approx(np.linalg.cond(W), rel=0.02)
+    assert estimate == pytest.approx(np.linalg.cond(W), rel=0.03)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
