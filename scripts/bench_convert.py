@@ -82,12 +82,12 @@ def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, w
     args = preset_args(preset, layers)
     counts = counting.count(args)
     src, out = work / f"src-{layers}", work / f"out-{layers}"
-    write_checkpoint(src, args)
+    write_checkpoint(src, args, distinct=1)  # one block drawn: the converter does not care
     row = child(CHILD, src, out, int(verify), remove)
     shutil.rmtree(src), shutil.rmtree(out)
     if mlx_lm:
         std, std_out = work / f"std-{layers}", work / f"std-out-{layers}"
-        write_checkpoint(std, args, standard=True)
+        write_checkpoint(std, args, standard=True, distinct=1)
         row["mlx_lm"] = child(MLX_LM, std, std_out)
         shutil.rmtree(std), shutil.rmtree(std_out)
     comp = counts["components"]
