@@ -207,6 +207,10 @@ class _Passes:
         names = () if self.tokens is None else (
             ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
         forms, new_args, inverted, logits = self._run(plan, names, writer)
+        if fusion.reduced_args(self.ckpt.args, forms) != new_args:  # a provisional field was wrong
+            writer.discard()
+            writer, self.top = ShardWriter(staging), None
+            forms, new_args, inverted, logits = self._run(forms, names, writer)
         self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
         verification = _verification(logits, self.reference, self.stored_as, self.tokens.shape) if names else None
         return _Pass(forms, new_args, inverted, verification, writer)
@@ -342,10 +346,6 @@ class _Passes:
             del stored, fused_flat, original, orig_flat, build
             # MLX keeps freed buffers for reuse; each block's shapes recur, the cache need not.
             mx.clear_cache()
-        if fusion.reduced_args(args, new_args.removed) != new_args:  # a provisional field was wrong
-            if writer:
-                writer.discard()
-            return self._run(list(new_args.removed), names, ShardWriter(writer.directory) if writer else None)
         if self.conds is None:
             self.conds = conds
         if writer and self.top is None and "original_stored" in names:

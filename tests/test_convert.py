@@ -299,3 +299,19 @@ def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, q
         assert reused is not None
         _, _, _, full = passes._run(forms, ("converted_stored",), None)
         assert rel_err(reused, full["converted_stored"]) <= 1e-6
+
+
+def test_auto_plan_decided_block_by_block_settles_the_config(tmp_path):
+    # Decided as blocks are read, a plan's config is provisional: parallel blocks with attention
+    # biases gain FFN biases only if some layer loses Q. Here none can (every Q singular).
+    args, flat = hf.case("skipless", attention_bias=True, mlp_bias=False)
+    for i in range(args.num_hidden_layers):
+        flat[f"model.layers.{i}.self_attn.q_proj.weight"][:, 0] = 0.0
+    src = hf.write(tmp_path / "src", "skipless", args, flat)
+    report = convert(str(src), str(tmp_path / "out"), **quiet())
+    assert [e["removed"] for e in report["layers"]] == ["", ""]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["mlp_bias"] is False and not list(tmp_path.glob("out/*.spool"))
+    model, _ = load_model(str(tmp_path / "out"))
+    t = tokens()
+    assert rel_err(logits(model, t), reference_logits(args, flat, t)) <= 1e-5
