@@ -78,16 +78,16 @@ def gemm_rate(d: int, f: int, repeats: int = 2) -> float:
     return 2 * d * d * f / best
 
 
-def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, work: Path) -> dict:
+def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, work: Path, drawn: dict) -> dict:
     args = preset_args(preset, layers)
     counts = counting.count(args)
     src, out = work / f"src-{layers}", work / f"out-{layers}"
-    write_checkpoint(src, args, distinct=1)  # one block drawn: the converter does not care
+    write_checkpoint(src, args, distinct=1, drawn=drawn)  # one block drawn: the converter does not care
     row = child(CHILD, src, out, int(verify), remove)
     shutil.rmtree(src), shutil.rmtree(out)
     if mlx_lm:
         std, std_out = work / f"std-{layers}", work / f"std-out-{layers}"
-        write_checkpoint(std, args, standard=True, distinct=1)
+        write_checkpoint(std, args, standard=True, distinct=1, drawn=drawn)
         row["mlx_lm"] = child(MLX_LM, std, std_out)
         shutil.rmtree(std), shutil.rmtree(std_out)
     comp = counts["components"]
@@ -113,10 +113,10 @@ def main():
     a = preset_args(opts.preset, 1)
     d, f = a.hidden_size, a.intermediate_size
     baseline = child(BASELINE)
-    rates, rows = [gemm_rate(d, f)], []
+    rates, rows, drawn = [gemm_rate(d, f)], [], {}
     with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=opts.workdir) as work:
         for n in layers:
-            rows.append(measure(opts.preset, n, opts.verify, opts.remove, opts.mlx_lm, Path(work)))
+            rows.append(measure(opts.preset, n, opts.verify, opts.remove, opts.mlx_lm, Path(work), drawn))
             if not opts.json:
                 r, gb = rows[-1], 1e9
                 lm = (f"; mlx_lm convert {r['mlx_lm']['wall_s']:.1f} s, {r['mlx_lm']['peak_rss_bytes'] / gb:.2f} GB"

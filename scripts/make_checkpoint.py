@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,8 @@ from mlx_skipless.models.skipless import ModelArgs
 
 LLAMA = dict(mlp_type="glu", hidden_act="silu", final_norm="rmsnorm")
 PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, **LLAMA),  # a smoke test, not a measurement
     # A TinyLlama-like block: d 2048, GQA 32/4, SwiGLU 5632.
     "tinyllama": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000, **LLAMA),
@@ -41,39 +44,43 @@ def preset_args(preset: str, layers=None) -> ModelArgs:
 
 
 def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool = False, progress=None,
-                     distinct: int = 0):
+                     distinct: int = 0, drawn: Optional[dict] = None):
     """A llama-layout checkpoint of `args`, written one block at a time: skipless (declared
     so in config.json), or with `standard` a stock llama of the same shape (its two norms per
     block added), the model that mlx_lm convert handles. With `distinct` > 0 only that many
-    random blocks are drawn and repeated in turn (drawing dominates writing on a small CPU)."""
+    random blocks are drawn and repeated in turn (drawing dominates writing on a small CPU);
+    `drawn`, a dict, keeps them and the embeddings for the next checkpoint of the shape."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
-    weight_map, pool = {}, []
+    weight_map, drawn = {}, {} if drawn is None else drawn
 
     def save(name, tensors):
         mx.save_safetensors(str(path / name), tensors, metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
 
     def bf16(tensors):
-        return {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()}
+        out = {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()}
+        mx.eval(out)
+        return out
 
     d = args.hidden_size
-    save("embed.safetensors", bf16({
-        "model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
-        "model.norm.weight": np.ones(d, np.float32),
-        "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5}))
+    if "embed" not in drawn:
+        drawn["embed"] = bf16({
+            "model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
+            "model.norm.weight": np.ones(d, np.float32),
+            "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5})
+    shard = lambda k: f"model-{k + 1:05d}-of-{args.num_hidden_layers + 1:05d}.safetensors"  # noqa: E731
+    save(shard(args.num_hidden_layers), drawn["embed"])
+    norms = bf16({"input_layernorm.weight": np.ones(d, np.float32),
+                  "post_attention_layernorm.weight": np.ones(d, np.float32)}) if standard else {}
     for i in range(args.num_hidden_layers):
-        if distinct and i >= distinct:
-            block = pool[i % distinct]
-        else:
+        j = i % distinct if distinct else None
+        block = drawn.get(j) if distinct else None
+        if block is None:
             block = bf16(synthetic.random_block(args, rng, dtype=np.float32))
-            if standard:
-                block.update(bf16({"input_layernorm.weight": np.ones(d, np.float32),
-                                   "post_attention_layernorm.weight": np.ones(d, np.float32)}))
-            mx.eval(block)
             if distinct:
-                pool.append(block)
-        save(f"layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": v for k, v in block.items()})
+                drawn[j] = block
+        save(shard(i), {f"model.layers.{i}.{k}": v for k, v in {**block, **norms}.items()})
         del block
         if progress:
             progress(i + 1)
@@ -86,6 +93,18 @@ def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool 
     if not standard:
         config["skipless"] = True
     (path / "config.json").write_text(json.dumps(config))
+    write_tokenizer(path, args.vocab_size)
+
+
+def write_tokenizer(path: Path, vocab_size: int):
+    """A word-level tokenizer over the ids `w0`...: mlx_lm convert wants one beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "unk_token": "w0", "eos_token": "w0"}))
 
 
 def main(argv=None):
