@@ -289,24 +289,27 @@ class _Passes:
         choose = self._choose(plan, conds)
 
         def choose_once(i, layer):
-            if i not in chosen:
-                chosen[i] = choose(i, layer)
-            return chosen[i]
+            # Block 0 is chosen before the loop (the embeddings need its basis); a choice
+            # holds B and B⁻¹, so each is dropped once fusion has taken it.
+            return chosen.pop(i) if i in chosen else choose(i, layer)
 
         if callable(plan):
             # Decided block by block: later forms are provisional until their block is
             # read. Each block's module is built once its form is known, and the config's
-            # other fields must not depend on them (checked at the end).
+            # other fields must not depend on them (checked by write()).
             first_block = read(0)
+            chosen[0] = choose(0, first_block)
             typical = plan({n: 1.0 for n in fusion.square_projections(args)})
-            forms = [choose_once(0, first_block)[0]] + [typical] * (L - 1)
+            forms = [chosen[0][0]] + [typical] * (L - 1)
         else:
             forms = list(plan)
         new_args = fusion.reduced_args(args, forms)
         if not callable(plan):
             first_block = read(0)
-        first = choose_once(0, first_block)[1]
+            chosen[0] = choose(0, first_block)
+        first = chosen[0][1]
         shells = _shells(ckpt, new_args, first, self.target, self.quant, names, self.products)
+        del first
         if writer:
             writer.add(dict(tree_flatten(shells["converted_stored"].parameters())))
         streams = verify.Streams(self.tokens)
