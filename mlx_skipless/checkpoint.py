@@ -272,11 +272,21 @@ class ShardWriter:
     def add(self, tensors: Dict[str, mx.array]):
         for key, value in tensors.items():
             raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value  # numpy has no bf16
-            data = np.ascontiguousarray(np.array(raw)).tobytes()
+            data = np.ascontiguousarray(raw)  # shares MLX's buffer: no copy
             self.entries.append((key, SAFETENSORS_DTYPES[value.dtype], list(value.shape),
-                                 self.total_bytes, len(data)))
-            self.spool.write(data)
-            self.total_bytes += len(data)
+                                 self.total_bytes, data.nbytes))
+            self.spool.write(memoryview(data).cast("B"))
+            self.total_bytes += data.nbytes
+
+    def read(self, key: str) -> mx.array:
+        """A tensor added earlier, read back from the spool (for passes that reuse it)."""
+        self.spool.flush()
+        _, dtype, shape, start, nbytes = next(e for e in self.entries if e[0] == key)
+        stored = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+        raw = np.fromfile(self.spool_path, np.uint8, nbytes, offset=start)
+        if stored == mx.bfloat16:
+            return mx.array(raw.view(np.uint16)).view(mx.bfloat16).reshape(shape)
+        return mx.array(raw).view(stored).reshape(shape)
 
     def discard(self):
         self.spool.close()

@@ -28,14 +28,15 @@ def is_linear(path: str) -> bool:
     return path.rsplit(".", 1)[-1] in LINEAR_LEAVES
 
 
-def layer_from_flat(tensors: Dict[str, np.ndarray]):
-    """{path.weight|bias: array} of one block -> ({path: Affine}, {key: array} passed through)."""
+def layer_from_flat(tensors: Dict[str, np.ndarray], dtype=np.float64):
+    """{path.weight|bias: array} of one block -> ({path: Affine}, {key: array} passed through),
+    the matrices in `dtype`."""
     linear, other = {}, {}
     for key, value in tensors.items():
         path, kind = key.rsplit(".", 1)
         if is_linear(path):
             if kind == "weight":
-                linear[path] = Affine.linear(np.swapaxes(value, -1, -2), tensors.get(f"{path}.bias"))
+                linear[path] = Affine.linear(np.swapaxes(value, -1, -2), tensors.get(f"{path}.bias"), dtype)
         else:
             other[key] = value
     return linear, other

@@ -28,9 +28,10 @@ class SkiplessCheckpoint:
                 f"{self.path} is already reduced (layers without {sorted(set(self.args.removed) - {''})}): "
                 "fusion starts from the vanilla checkpoint it was converted from; pass that instead")
 
-    def layer(self, i: int) -> Dict[str, np.ndarray]:
-        """Block i as float64 arrays, named relative to the block ("self_attn.q_proj.weight")."""
-        return self.mapping.layer(i, self.source.numpy)
+    def layer(self, i: int, dtype=np.float64) -> Dict[str, np.ndarray]:
+        """Block i as float64 (or float32) arrays, named relative to the block
+        ("self_attn.q_proj.weight")."""
+        return self.mapping.layer(i, self.source.numpy if dtype == np.float64 else self.source.float32)
 
     def globals(self) -> Dict[str, np.ndarray]:
         """Embeddings, final norm and head, as float32 arrays under the model's names

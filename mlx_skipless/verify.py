@@ -6,10 +6,12 @@ comes with the same figure for the *unconverted* model stored in that dtype.
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -77,17 +79,74 @@ def is_degraded(converted: Dict[str, float], rounding: Dict[str, float]) -> bool
     return not CLEARLY_WORSE.admits(converted, rounding)
 
 
+class NumpyLinear(nn.Module):
+    """A linear layer computed by numpy's BLAS in float32.
+
+    MLX on a CPU multiplies with a slow reference BLAS unless another is preloaded;
+    numpy brings an optimized one. Weights hold the values of their dtype (quantized
+    ones dequantized once), products accumulate in float32 and the output is rounded
+    to the dtype the MLX layer would have returned: `dtype`, or the input's if None."""
+
+    def __init__(self, weight: np.ndarray, bias: Optional[np.ndarray] = None, dtype=mx.float32):
+        super().__init__()
+        self.w = np.asarray(weight, np.float32).T  # (in, out); no copy for float32
+        self.b = None if bias is None else np.asarray(bias, np.float32)
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "NumpyLinear":
+        """The numpy twin of an MLX Linear or QuantizedLinear layer."""
+        if isinstance(layer, nn.QuantizedLinear):
+            weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size,
+                                   layer.bits, mode=layer.mode)
+            dtype = None
+        else:
+            weight, dtype = layer.weight, layer.weight.dtype
+        bias = np.asarray(layer.bias.astype(mx.float32)) if "bias" in layer else None
+        return cls(np.asarray(weight.astype(mx.float32)), bias, dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        with np.errstate(all="ignore"):  # overflow gives inf, as in MLX: verification reports it
+            y = np.asarray(x.astype(mx.float32)).reshape(-1, self.w.shape[0]) @ self.w
+            if self.b is not None:
+                y += self.b
+        dtype = x.dtype if self.dtype is None or x.dtype == self.dtype else mx.float32
+        return mx.array(y.reshape(*x.shape[:-1], -1)).astype(dtype)
+
+
+def _linears(module: nn.Module) -> Dict[str, nn.Module]:
+    return {p: m for p, m in tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module)
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+
+
+def on_numpy(module: nn.Module, tensors: Optional[Dict[str, np.ndarray]] = None) -> nn.Module:
+    """`module` with every Linear and QuantizedLinear layer computed by numpy (in place):
+    from its own weights, or from float32 `tensors` (named as in the module), and then
+    the module's other parameters are loaded from `tensors` too."""
+    linears = _linears(module)
+    if tensors is None:
+        module.update_modules(tree_unflatten([(p, NumpyLinear.of(m)) for p, m in linears.items()]))
+        return module
+    module.update_modules(tree_unflatten([(p, NumpyLinear(tensors[f"{p}.weight"], tensors.get(f"{p}.bias")))
+                                          for p in linears]))
+    rest = [(k, mx.array(np.asarray(v, np.float32))) for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linears]
+    module.load_weights(rest)
+    return module
+
+
 class Streams:
-    """Probe tokens pushed through several models that arrive one block at a time."""
+    """Probe tokens pushed through several models that arrive one block at a time;
+    their matrix products run on numpy's BLAS, so verifying costs what converting does."""
 
     def __init__(self, tokens: mx.array):
         self.tokens, self.h = tokens, {}
 
     def start(self, name, shell):
         self.h[name] = shell.model.embed(self.tokens)
+        on_numpy(shell)
 
     def step(self, name, block):
-        self.h[name] = block(self.h[name], "causal")
+        self.h[name] = on_numpy(block)(self.h[name], "causal")
         mx.eval(self.h[name])
 
     def finish(self, name, shell) -> np.ndarray:

@@ -1,120 +1,153 @@
 """Conversion cost: wall time and peak memory of converting generated checkpoints.
 
 Writes skipless Llama-layout checkpoints (bfloat16, one safetensors shard per
-block) that share one block shape and differ only in depth, converts each in a
-fresh process, and prints wall time and peak RSS beside the sizes that should
-bound it: if the converter streams, peak memory follows the largest block and
-the embeddings, not the model.
+block, scripts/make_checkpoint.py) that share one block shape and differ only in
+depth, converts each in a fresh process, and prints wall time and peak RSS beside
+the sizes that should bound it: if the converter streams, peak memory follows the
+largest block and the embeddings, not the model. In the same run it measures what
+bounds the time from below: mlx_lm convert of a stock llama of the same shape
+(reading, casting, writing), and the GEMM floor, the products that fusion must
+form (P into gate and up, the next block's Q into down: 3·2·d²·f FLOPs a block)
+at this machine's numpy float32 GEMM rate. The per-layer slope, from the two
+depths, is what the floor bounds.
 
-    python scripts/bench_convert.py                     # 0.2B, 0.5B, 1.0B; ~15 min on 2 cores
+    python scripts/bench_convert.py --preset mistral-7b     # 1 and 2 layers; ~10 min on 2 cores
+    python scripts/bench_convert.py                         # TinyLlama blocks: 2, 8, 20 layers
     python scripts/bench_convert.py --layers 2 4 --no-verify --json
 """
 
 import argparse
 import json
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
-from mlx_skipless import counting, synthetic
-from mlx_skipless.models.skipless import ModelArgs
+sys.path.insert(0, str(Path(__file__).parent))
+from make_checkpoint import PRESETS, preset_args, write_checkpoint  # noqa: E402
 
-# A TinyLlama-like block: d 2048, GQA 32/4, SwiGLU 5632, vocab 32000.
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
-             vocab_size=32000, mlp_type="glu", hidden_act="silu", final_norm="rmsnorm")
+from mlx_skipless import counting  # noqa: E402
 
-
-def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0):
-    """A Hugging Face llama-layout skipless checkpoint, written block by block."""
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    weight_map = {}
-
-    def save(name, tensors):
-        mx.save_safetensors(str(path / name), {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()},
-                            metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-
-    d = args.hidden_size
-    save("embed.safetensors", {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32),
-                               "model.norm.weight": np.ones(d, np.float32),
-                               "lm_head.weight": rng.standard_normal((args.vocab_size, d), dtype=np.float32) / d**0.5})
-    for i in range(args.num_hidden_layers):
-        block = synthetic.random_block(args, rng, dtype=np.float32)
-        save(f"layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": v for k, v in block.items()})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], skipless=True,
-                  hidden_size=d, intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
-                  num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
-                  vocab_size=args.vocab_size, hidden_act="silu", rms_norm_eps=1e-5, torch_dtype="bfloat16",
-                  max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
-    (path / "config.json").write_text(json.dumps(config))
-
-
-CHILD = """
+DEFAULT_LAYERS = {"mistral-7b": [1, 2]}
+PEAK = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)"
+CHILD = f"""
 import json, resource, sys, time
 t = time.perf_counter()
 from mlx_skipless.convert import convert
 # The cost is measured whatever the verdict: random deep stacks may trip the degradation check.
-report = convert(sys.argv[1], sys.argv[2], verify_output=sys.argv[3] == "1", progress=False,
+report = convert(sys.argv[1], sys.argv[2], remove=sys.argv[4], verify_output=sys.argv[3] == "1", progress=False,
                  allow_degraded=True, log=lambda *a: None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_bytes": peak,
-                  "verification": report.get("verification", {}).get("stored")}))
+print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_bytes": {PEAK},
+                  "trials": len(report.get("plan", {{}}).get("trials", [])),
+                  "verification": report.get("verification", {{}}).get("stored")}}))
 """
-BASELINE = """
-import resource, sys
+MLX_LM = f"""
+import json, resource, sys, time
+t = time.perf_counter()
+from mlx_lm import convert
+convert(sys.argv[1], sys.argv[2], dtype="bfloat16")
+print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_bytes": {PEAK}}}))
+"""
+BASELINE = f"""
+import json, resource, sys
 import mlx.core, mlx_lm, numpy, mlx_skipless.convert
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+print(json.dumps({{"peak_rss_bytes": {PEAK}}}))
 """
 
 
-def measure(layers: int, verify: bool, work: Path) -> dict:
-    args = ModelArgs(num_hidden_layers=layers, **SHAPE)
-    counts = counting.count(args)
-    src = work / f"src-{layers}"
-    write_checkpoint(src, args)
-    run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / f"out-{layers}"), str(int(verify))],
-                         capture_output=True, text=True)
+def child(code: str, *argv) -> dict:
+    run = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
     if run.returncode:
-        raise RuntimeError(f"conversion of {layers} layers failed:\n{run.stderr[-3000:]}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{argv} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gemm_rate(d: int, f: int, repeats: int = 2) -> float:
+    """numpy's float32 GEMM rate (FLOP/s) on the (d x d) @ (d x f) product fusion forms; best of `repeats`."""
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((d, d), dtype=np.float32), rng.standard_normal((d, f), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        A @ B
+        best = min(best, time.perf_counter() - t)
+    return 2 * d * d * f / best
+
+
+def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, work: Path, drawn: dict) -> dict:
+    args = preset_args(preset, layers)
+    counts = counting.count(args)
+    src, out = work / f"src-{layers}", work / f"out-{layers}"
+    write_checkpoint(src, args, distinct=1, drawn=drawn)  # one block drawn: the converter does not care
+    row = child(CHILD, src, out, int(verify), remove)
+    shutil.rmtree(src), shutil.rmtree(out)
+    if mlx_lm:
+        std, std_out = work / f"std-{layers}", work / f"std-out-{layers}"
+        write_checkpoint(std, args, standard=True, distinct=1, drawn=drawn)
+        row["mlx_lm"] = child(MLX_LM, std, std_out)
+        shutil.rmtree(std), shutil.rmtree(std_out)
     comp = counts["components"]
     block = (counts["total"] - comp["embed_tokens"] - comp.get("lm_head", 0) - comp.get("norms", 0)) // layers
     return {"layers": layers, "parameters": counts["total"], "block_parameters": block,
             "embedding_parameters": comp["embed_tokens"] + comp.get("lm_head", 0),
-            "model_bytes_float32": 4 * counts["total"], **result}
+            "model_bytes_float32": 4 * counts["total"], **row}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 8, 20],
-                   help="depths to convert (the block shape is fixed; 20 layers is 1.03B weights)")
+    p.add_argument("--preset", choices=list(PRESETS), default="tinyllama", help="the block shape")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="depths to convert (default: 1 2 for mistral-7b, else 2 8 20)")
+    p.add_argument("--remove", default="auto", choices=["auto", "q", "k", "v"])
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--mlx-lm", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time mlx_lm convert of a stock llama of each shape")
+    p.add_argument("--workdir", help="where the checkpoints go (default: a temporary directory)")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args()
-    baseline = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
-                                  check=True).stdout)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
-        for layers in opts.layers:
-            rows.append(measure(layers, opts.verify, Path(work)))
+    layers = opts.layers or DEFAULT_LAYERS.get(opts.preset, [2, 8, 20])
+    a = preset_args(opts.preset, 1)
+    d, f = a.hidden_size, a.intermediate_size
+    baseline = child(BASELINE)
+    rates, rows, drawn = [gemm_rate(d, f)], [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=opts.workdir) as work:
+        for n in layers:
+            rows.append(measure(opts.preset, n, opts.verify, opts.remove, opts.mlx_lm, Path(work), drawn))
             if not opts.json:
-                r = rows[-1]
-                gb = 1e9
-                print(f"{r['parameters'] / 1e9:5.2f}B params ({layers:3d} layers, {r['model_bytes_float32'] / gb:5.2f} GB "
+                r, gb = rows[-1], 1e9
+                lm = (f"; mlx_lm convert {r['mlx_lm']['wall_s']:.1f} s, {r['mlx_lm']['peak_rss_bytes'] / gb:.2f} GB"
+                      if "mlx_lm" in r else "")
+                print(f"{r['parameters'] / 1e9:5.2f}B params ({n:3d} layers, {r['model_bytes_float32'] / gb:5.2f} GB "
                       f"in float32): {r['wall_s']:7.1f} s, peak RSS {r['peak_rss_bytes'] / gb:5.2f} GB "
-                      f"= imports {baseline / gb:.2f} + {(r['peak_rss_bytes'] - baseline) / gb:.2f} GB; "
-                      f"one block {4 * r['block_parameters'] / gb:.2f} GB, embeddings "
-                      f"{4 * r['embedding_parameters'] / gb:.2f} GB (float32)", flush=True)
+                      f"= imports {baseline['peak_rss_bytes'] / gb:.2f} + "
+                      f"{(r['peak_rss_bytes'] - baseline['peak_rss_bytes']) / gb:.2f} GB; one block "
+                      f"{4 * r['block_parameters'] / gb:.2f} GB, embeddings {4 * r['embedding_parameters'] / gb:.2f} GB "
+                      f"(float32){lm}", flush=True)
+    rates.append(gemm_rate(d, f))  # before and after: the machine may be shared
+    rate = float(np.mean(rates))
+    floor = 3 * 2 * d * d * f / rate
+    summary = {"preset": opts.preset, "remove": opts.remove, "verify": opts.verify,
+               "gemm_float32_flops": rates, "floor_s_per_layer": floor}
+    if len(rows) > 1:
+        lo, hi = rows[0], rows[-1]
+        summary["slope_s_per_layer"] = (hi["wall_s"] - lo["wall_s"]) / (hi["layers"] - lo["layers"])
+        summary["slope_over_floor"] = summary["slope_s_per_layer"] / floor
+        if "mlx_lm" in lo:
+            summary["mlx_lm_slope_s_per_layer"] = ((hi["mlx_lm"]["wall_s"] - lo["mlx_lm"]["wall_s"])
+                                                   / (hi["layers"] - lo["layers"]))
     if opts.json:
-        print(json.dumps({"baseline_rss_bytes": baseline, "verify": opts.verify, "runs": rows}, indent=2))
+        print(json.dumps({"baseline_rss_bytes": baseline["peak_rss_bytes"], **summary, "runs": rows}, indent=2))
+        return
+    print(f"GEMM floor: 3·2·d²·f = {6 * d * d * f / 1e12:.2f} TFLOP a layer at numpy float32 "
+          f"{rate / 1e9:.1f} GFLOP/s (measured {', '.join(f'{r / 1e9:.1f}' for r in rates)}) = {floor:.1f} s a layer")
+    if "slope_s_per_layer" in summary:
+        print(f"per-layer slope: {summary['slope_s_per_layer']:.1f} s = {summary['slope_over_floor']:.2f}x the floor"
+              + (f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s"
+                 if "mlx_lm_slope_s_per_layer" in summary else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Batch-1 decode speed: vanilla skipless vs reduced (no Q, no P) vs mlx-lm's llama.
 
-The three models share one shape and dtype; the reduced one is made from the
-vanilla one by the converter's fusion. Decode steps of the three run
+The three models share one shape and dtype; the reduced one has the shapes the
+converter's fusion gives (no Q, no P), and all hold random weights, which decode
+time does not depend on. Decode steps of the three run
 interleaved one by one, in alternating order, after a warm-up, so drift on a
 shared machine hits all three alike (BENCHMARKING notes); the speedup is the
 median of per-step time ratios. Prediction: bytes of weights read per token,
@@ -26,7 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_skipless import fusion, layout, synthetic
+from mlx_skipless import fusion
 from mlx_skipless.models.skipless import Model, ModelArgs
 
 PRESETS = {
@@ -43,25 +44,9 @@ PRESETS = {
 }
 
 
-def build(args: ModelArgs, seed=0):
-    """(vanilla, reduced) skipless models and mlx-lm llama weights, float32 numpy."""
-    rng = np.random.default_rng(seed)
-    layers = [synthetic.random_block(args, rng, dtype=np.float32) for _ in range(args.num_hidden_layers)]
-    flat = {"model.embed_tokens.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32),
-            "lm_head.weight": rng.standard_normal((args.vocab_size, args.hidden_size), dtype=np.float32)
-            / np.sqrt(args.hidden_size)}
-    for i, layer in enumerate(layers):
-        flat.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
-    weights = layout.weights_from_flat(flat, args)
-    fused, reduced_args, _ = fusion.fuse(weights, args, fusion.default_plan(args, "q"))
-    return flat, reduced_args, layout.weights_to_flat(fused, reduced_args)
-
-
-def load(model, flat, dtype):
-    # Row-major, as weights read from safetensors are: fusion hands back transposed views, and
-    # a column-major weight takes a different (on mlx-cpu, much faster) matrix-vector kernel.
-    model.load_weights([(k, mx.array(np.ascontiguousarray(v, np.float32))) for k, v in flat.items()],
-                       strict=False)
+def load(model, dtype):
+    """`model` with its own random initial weights (decode time does not depend on the values),
+    cast or quantized: built lazily by MLX in its dtype, so no host copy of a 7B model is made."""
     if dtype in ("4bit", "8bit"):
         model.set_dtype(mx.bfloat16)
         nn.quantize(model, 64, int(dtype[0]))
@@ -123,14 +108,14 @@ def peak_memory(model, prompt: int, decode: int = 4) -> int:
 
 def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
     args = ModelArgs(**PRESETS[preset])
-    flat, reduced_args, reduced_flat = build(args)
-    makers = {"vanilla": (lambda: Model(args), flat), "reduced": (lambda: Model(reduced_args), reduced_flat)}
+    reduced_args = fusion.reduced_args(args, fusion.default_plan(args, "q"))  # the shapes fusion makes
+    makers = {"vanilla": lambda: Model(args), "reduced": lambda: Model(reduced_args)}
     if not args.parallel_block and args.mlp_type == "glu":  # mlx-lm's llama has that shape
-        makers["mlx_lm_llama"] = (lambda: mlx_lm_llama(args), flat)
+        makers["mlx_lm_llama"] = lambda: mlx_lm_llama(args)
     result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "weight_bytes": {},
               "peak_memory_bytes": {}}
     models = {}
-    for n, (make, weights) in makers.items():
+    for n, make in makers.items():
         # Each model's own peak while it generates: the MLX memory it adds (weights, cache,
         # activations). The peak is reset after loading, so casting and quantizing, which hold
         # two copies of the weights for a moment, do not count: a converted model is stored
@@ -138,13 +123,12 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
         mx.synchronize()
         mx.clear_cache()
         base = mx.get_active_memory()
-        models[n] = load(make(), weights, dtype)
+        models[n] = load(make(), dtype)
         mx.clear_cache()
         mx.reset_peak_memory()
         result["peak_memory_bytes"][n] = peak_memory(models[n], prompt) - base
         result["bytes_read_per_token"][n] = bytes_read_per_token(models[n])
         result["weight_bytes"][n] = weight_bytes(models[n])
-    del makers, flat, reduced_flat
     timing = measure(models, prompt, steps, warmup)
     result["prefill_tokens_per_s"] = timing["prefill_tokens_per_s"]
     t = {n: np.array(v) for n, v in timing["step_times"].items()}

@@ -99,3 +99,10 @@ def greedy_completions_alone_and_together(model_dir, prompts, max_tokens=24):
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             together = list(pool.map(complete, prompts))
     return alone, together
+
+
+def on_screen(text: str) -> str:
+    """What a terminal shows of `text`: whatever a carriage return wrote over (progress bars) is gone."""
+    import re
+
+    return re.sub(r"[^\n]*\r", "", text)

@@ -40,3 +40,14 @@ def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_pat
     run = subprocess.run([sys.executable, str(SCRIPT), "--load", "a.json", "c.json"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert run.returncode != 0 and "different machines" in run.stderr
+
+
+def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
+    script = SCRIPT.parent / "bench_convert.py"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--layers", "1", "2", "--no-mlx-lm",
+                          "--json", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert [r["layers"] for r in out["runs"]] == [1, 2] and all(r["trials"] == 1 for r in out["runs"])
+    assert out["floor_s_per_layer"] > 0 and out["slope_s_per_layer"] == out["runs"][1]["wall_s"] - out["runs"][0]["wall_s"]
+    assert not list(tmp_path.iterdir())  # the checkpoints are removed

@@ -260,3 +260,63 @@ def test_main_job_runs_on_the_embedded_default_with_no_arguments(tmp_path, monke
     assert not config["conversion"]["verification"]["degraded"]
     assert generate_cli.main(["--max-tokens", "12"]) == 0
     assert "Generation:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("remove", ["q", "auto"])
+def test_each_block_is_read_once(tmp_path, monkeypatch, remove):
+    from collections import Counter
+
+    from mlx_skipless.loading import SkiplessCheckpoint
+
+    src, args, _ = write(tmp_path, "llama")
+    reads, read = Counter(), SkiplessCheckpoint.layer
+
+    def counted(self, i, *a, **kw):
+        reads[i] += 1
+        return read(self, i, *a, **kw)
+
+    monkeypatch.setattr(SkiplessCheckpoint, "layer", counted)
+    report = convert(str(src), str(tmp_path / "out"), remove=remove, **quiet())
+    assert len(report["plan"]["trials"]) == 1 if remove == "auto" else "plan" not in report
+    assert reads == {i: 1 for i in range(args.num_hidden_layers)}
+
+
+@pytest.mark.parametrize("family,quantize", [("llama", False), ("gpt_neox", False), ("llama", True)])
+def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, quantize):
+    # --remove auto measures other rungs from what the top rung wrote, refusing nothing:
+    # the figures must be those of fusing each rung from scratch.
+    from mlx_skipless import planner, verify
+    from mlx_skipless.checkpoint import ShardWriter
+    from mlx_skipless.loading import SkiplessCheckpoint
+
+    args, flat = hf.case(family, num_hidden_layers=4, tie_word_embeddings=False)
+    src = hf.write(tmp_path / "src", family, args, flat, dtype=mx.bfloat16)
+    ckpt = SkiplessCheckpoint(str(src))
+    quant = {"group_size": 32, "bits": 4, "mode": "affine"} if quantize else None
+    passes = convert_module._Passes(ckpt, mx.bfloat16, quant, "bfloat16", verify.probe_tokens(args.vocab_size),
+                                    False, np.float32)
+    merge_p = "p" if not args.parallel_block else ""
+    (tmp_path / "stage").mkdir()
+    passes.write(tmp_path / "stage", lambda row: planner.ladder([row], merge_p)[0][0])
+    rungs = planner.ladder(passes.conds, merge_p)
+    for forms in rungs[1:-1]:
+        reused = passes._reuse(forms)
+        assert reused is not None
+        _, _, _, full = passes._run(forms, ("converted_stored",), None)
+        assert rel_err(reused, full["converted_stored"]) <= 1e-6
+
+
+def test_auto_plan_decided_block_by_block_settles_the_config(tmp_path):
+    # Decided as blocks are read, a plan's config is provisional: parallel blocks with attention
+    # biases gain FFN biases only if some layer loses Q. Here none can (every Q singular).
+    args, flat = hf.case("skipless", attention_bias=True, mlp_bias=False)
+    for i in range(args.num_hidden_layers):
+        flat[f"model.layers.{i}.self_attn.q_proj.weight"][:, 0] = 0.0
+    src = hf.write(tmp_path / "src", "skipless", args, flat)
+    report = convert(str(src), str(tmp_path / "out"), **quiet())
+    assert [e["removed"] for e in report["layers"]] == ["", ""]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["mlp_bias"] is False and not list(tmp_path.glob("out/*.spool"))
+    model, _ = load_model(str(tmp_path / "out"))
+    t = tokens()
+    assert rel_err(logits(model, t), reference_logits(args, flat, t)) <= 1e-5

@@ -150,3 +150,36 @@ def test_condition_numbers_are_reported_per_inverted_matrix():
     for m in inverted:
         W = flat[f"model.layers.{m.layer}.self_attn.q_proj.weight"]
         assert m.cond == pytest.approx(np.linalg.cond(W), rel=1e-9)
+
+
+@pytest.mark.parametrize("noise", [0.3, 3.0])
+def test_condition_number_estimate_from_the_inverse_matches_the_svd(monkeypatch, noise):
+    # Above EXACT_COND_SIZE the figure comes from the inverse fusion takes anyway.
+    monkeypatch.setattr(fusion, "EXACT_COND_SIZE", 16)
+    rng = np.random.default_rng(0)
+    W = np.eye(128) + noise * rng.standard_normal((128, 128)) / np.sqrt(128)
+    estimate = fusion.condition_number(W, np.linalg.inv(W))
+    assert estimate == pytest.approx(np.linalg.cond(W), rel=0.03)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_products_stay_near_the_float64_fusion(dtype):
+    # Products that invert nothing may run in float32 for outputs coarser than float32.
+    args = tiny_args(num_hidden_layers=3)
+    flat = synthetic.random_flat(args)
+    w = layout.weights_from_flat(flat, args)
+    exact, _, _ = fusion.fuse(w, args, ["qp"] * 3)
+    fast, _, _ = fusion.fuse(w, args, ["qp"] * 3, dtype=dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in zip(layout.weights_to_flat(fast, args).values(), layout.weights_to_flat(exact, args).values()):
+        assert rel_err(np.asarray(a, np.float64), b) <= tol
+
+
+def test_fusion_maths_runs_without_mlx():
+    import subprocess
+    import sys
+
+    code = ("import sys, mlx_skipless.fusion; "
+            "assert not [m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')], 'mlx imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hf_checkpoints as hf
 import reference
-from harness import logits, rel_err, tokens
+from harness import logits, on_screen, rel_err, tokens
 from mlx_skipless import checkpoint, convert as convert_module, layout, verify
 from mlx_skipless.checkpoint import CheckpointError, TensorSource
 from mlx_skipless.convert import convert
@@ -54,7 +54,7 @@ def refused(tmp_path, src, match, capsys=None, **kw):
         capsys.readouterr()
         flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
         assert convert_module.main(["--hf-path", str(src), "--mlx-path", str(out), *flags]) == 1
-        err = capsys.readouterr().err
+        err = on_screen(capsys.readouterr().err)
         assert err.startswith("error: ") and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
@@ -336,6 +336,6 @@ def test_any_corruption_converts_correctly_or_is_refused_cleanly(data):
             assert not v["degraded"] and np.isfinite(figures).all(), how
             assert v["float32"]["top1_agreement"] == 1.0, how
         else:
-            err = stderr.getvalue()
+            err = on_screen(stderr.getvalue())
             assert err.startswith("error: ") and err.count("\n") == 1, (how, err)
             assert sorted(p.name for p in tmp.iterdir()) == before, how
