@@ -4,7 +4,7 @@ Random, well-conditioned weights (square projections I + noise) stored as bfloat
 one safetensors shard per block plus one for the embeddings, so writing holds one
 block at a time whatever the depth. For conversion benchmarks at real sizes:
 
-    python scripts/make_checkpoint.py /work/bigtmp/mistral-7b --preset mistral-7b --distinct 4
+    python scripts/make_checkpoint.py big/mistral-7b --preset mistral-7b --distinct 4
     python scripts/make_checkpoint.py /tmp/one --preset mistral-7b --layers 1 --standard
 """
 

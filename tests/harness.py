@@ -106,3 +106,27 @@ def on_screen(text: str) -> str:
     import re
 
     return re.sub(r"[^\n]*\r", "", text)
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module, for its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_checkout(root, dest):
+    """The checkout's files that git would commit, as a user's copy of the repository."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (root / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, dest / f)

@@ -1,22 +1,18 @@
 """Issue 17: scripts/build_demo.py --size NAME reads its settings from the zoo recipe,
 binds the data name `corpus` to the corpus directory, and continues where a run stopped."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo.py"
+from harness import load_script
+
 
 
 @pytest.fixture(scope="module")
 def build_demo():
-    spec = importlib.util.spec_from_file_location("build_demo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build_demo")
 
 
 def test_sizes_come_from_the_recipe_with_the_corpus_bound(build_demo, tmp_path):

@@ -3,12 +3,13 @@ from a directory outside the checkout."""
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from harness import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +26,7 @@ def can_build_offline() -> bool:
 @pytest.mark.slow
 def test_installed_package_has_the_zoo_and_runs_the_main_job(tmp_path):
     source, venv, elsewhere = tmp_path / "source", tmp_path / "venv", tmp_path / "elsewhere"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (source / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, source / f)
+    copy_checkout(ROOT, source)
     # The venv sees this interpreter's packages (mlx, mlx-lm...), so nothing is downloaded but,
     # where this Python cannot build a wheel itself, setuptools for the build.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)

@@ -2,26 +2,20 @@
 and its conversion in one table of bits per byte (as mlx_skipless.evaluate scores them)
 and decode tokens/s. Timings are not asserted."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from harness import build, tiny_args
+from harness import build, load_script, tiny_args
 from mlx_skipless import data, evaluate, modeldir, synthetic
 from mlx_skipless.convert import convert
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "price_of_skiplessness.py"
 TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
          "class Stack:\n    def __init__(self):\n        self.items = []\n"]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("price_of_skiplessness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("price_of_skiplessness")
 
 
 def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):

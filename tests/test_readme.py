@@ -3,7 +3,6 @@ checkout, with training scaled down; the few that cannot run here are listed wit
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -11,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from harness import copy_checkout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SKIPPED = {  # command prefix -> why it is not run here
     "pip install": "changes the environment (tests/test_install.py installs into a fresh venv)",
     "mlx_lm server": "serves until stopped (tests/test_generate.py runs the server)",
     "python scripts/bench_decode.py": "a benchmark: minutes of decoding",
+    "python scripts/make_checkpoint.py": "writes a 14.5 GB Mistral-7B-shaped checkpoint",
+    "LD_PRELOAD=": "the 7B-scale conversion and its benchmark: half an hour of fusing",
 }
 SCALED = [  # (pattern, replacement): the same command, a few seconds of training
     (r"--data stdlib\b", "--data stdlib/json"),
@@ -42,12 +45,7 @@ def commands():
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     work = tmp_path / "checkout"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, work / f)
+    copy_checkout(ROOT, work)
     # `python`, `mlx_lm` and `mlx-skipless` of the interpreter running the tests
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     ran = []
