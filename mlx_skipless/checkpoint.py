@@ -339,8 +339,9 @@ WRITER_KEY = "mlx_skipless"  # config.json entry marking a directory this tool w
 # Older versions marked their outputs by these entries instead.
 LEGACY_MARKERS = ("conversion", "whatif")
 TRAINING_DIR = "training"  # trainer state and optimizer moments: no loader reads it
+TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.safetensors"  # in it (beside the weights before 0.2)
 MODEL_DIR_FILES = ("config.json", "skipless.py", "README.md", "model.safetensors.index.json",
-                   "trainer.json", "optimizer.safetensors", TRAINING_DIR) + TOKENIZER_FILES
+                   TRAINER_STATE, OPTIMIZER_STATE, TRAINING_DIR) + TOKENIZER_FILES
 
 
 def written_by_us(path: Path) -> Optional[str]:
@@ -354,7 +355,7 @@ def written_by_us(path: Path) -> Optional[str]:
     if isinstance(config.get(WRITER_KEY), dict):
         return f"mlx-skipless {config[WRITER_KEY].get('command', '')}".strip()
     marker = next((m for m in LEGACY_MARKERS if m in config), None)
-    if marker or (path / "trainer.json").exists():
+    if marker or (path / TRAINER_STATE).exists():
         return f"mlx-skipless {marker or 'train'}"
     return None
 

@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")

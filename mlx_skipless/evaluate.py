@@ -22,7 +22,6 @@ import json
 import lzma
 import math
 import sys
-from pathlib import Path
 from typing import Dict, Sequence
 
 import mlx.core as mx

@@ -20,12 +20,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import __version__
-from .checkpoint import TRAINING_DIR, WRITER_KEY, CheckpointError, ShardWriter, read_config
+from .checkpoint import (OPTIMIZER_STATE as OPTIMIZER, TRAINER_STATE as STATE, TRAINING_DIR, WRITER_KEY,
+                         CheckpointError, ShardWriter, read_config)
 from .models import skipless
 
 MODEL_FILE = "skipless.py"
-STATE = "trainer.json"
-OPTIMIZER = "optimizer.safetensors"
 
 
 def write_config(directory: Path, args: skipless.ModelArgs, command: str, dtype: str = "float32",
@@ -97,9 +96,14 @@ def read(path) -> Loaded:
         raise CheckpointError(f"{path} is not a skipless model directory (model_type "
                               f"{config.get('model_type')!r}); convert it with mlx_skipless.convert first")
     model, _ = load_model(str(path))
-    state = _training_file(path, STATE)
     tokenizer = data.load_tokenizer(path) if (path / "tokenizer.json").exists() else None
-    return Loaded(model, model.args, tokenizer, json.loads(state.read_text()) if state.exists() else {})
+    return Loaded(model, model.args, tokenizer, training_state(path))
+
+
+def training_state(path) -> dict:
+    """The trainer's state of a run directory (step, options, history); {} where none."""
+    state = _training_file(Path(path), STATE)
+    return json.loads(state.read_text()) if state.exists() else {}
 
 
 def read_optimizer_state(path):

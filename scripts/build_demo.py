@@ -98,15 +98,16 @@ def sized_steps(size: str, corpus_dir: Path):
 
 def trained_to(checkpoint: Path) -> int:
     """The step a training checkpoint reached (0: none yet)."""
-    state = checkpoint / "trainer.json"
-    return json.loads(state.read_text()).get("step", 0) if state.exists() else 0
+    from mlx_skipless.modeldir import training_state
+
+    return training_state(checkpoint).get("step", 0)
 
 
 def train_command(config: Path, out: Path, options: dict):
     """The train command of `out` (add --resume to continue its checkpoint)."""
     from mlx_skipless.zoo import _flags
 
-    return ["-m", "mlx_skipless.train", "--config", str(config), "--out", str(out), *_flags(options)]
+    return ["-m", "mlx_skipless.train", "--config", str(config), "--mlx-path", str(out), *_flags(options)]
 
 
 def stale(target: Path, source: Path) -> bool:
@@ -148,7 +149,7 @@ def build_size(size: str, work: Path, corpus_dir: Path, baseline: bool, ship: bo
     from mlx_skipless.zoo import _flags
 
     runs = {"skipless": work / "with-norms", "norm-free": work / "norm-free"}
-    normfree = ["-m", "mlx_skipless.normfree", "--model", str(work / "with-norms"), "--out",
+    normfree = ["-m", "mlx_skipless.normfree", "--model", str(work / "with-norms"), "--mlx-path",
                 str(work / "norm-free"), "--force", *_flags(steps["normfree"])]
     convert = ["-m", "mlx_skipless.convert", "--hf-path", str(work / "norm-free"), "--force"]
     bits = steps["quantize"].get("q_bits", 4)
@@ -187,8 +188,8 @@ def build_size(size: str, work: Path, corpus_dir: Path, baseline: bool, ship: bo
 
 
 def size_card(size, model, price, commands, samples, manifest, work) -> str:
-    state = json.loads((work / "norm-free" / "trainer.json").read_text())
-    trained, nf = state["trained"], state["normfree"]
+    nf = json.loads((work / "norm-free" / "config.json").read_text())["normfree"]  # the run's record within it
+    trained = nf["trained"]
     t = trained["options"]
     weights = next(r["parameters"] for r in price["rows"] if r["label"] == "skipless")
     blas = " with OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else ""

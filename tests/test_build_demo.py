@@ -7,6 +7,7 @@ import os
 import pytest
 
 from harness import load_script
+from mlx_skipless import modeldir
 
 
 
@@ -35,8 +36,8 @@ def test_resumes_training_and_redoes_only_stale_steps(build_demo, tmp_path):
     args = build_demo.train_command(tmp_path / "m.json", run, {"steps": 20, "data": ["x"], "q_init_scale": 0.1})
     assert args[:2] == ["-m", "mlx_skipless.train"] and "--resume" not in args
     assert args[args.index("--steps") + 1] == "20" and args[args.index("--q-init-scale") + 1] == "0.1"
-    run.mkdir()
-    (run / "trainer.json").write_text(json.dumps({"step": 10}))
+    (run / modeldir.TRAINING_DIR).mkdir(parents=True)  # where train keeps its state
+    (run / modeldir.TRAINING_DIR / modeldir.STATE).write_text(json.dumps({"step": 10}))
     (run / "model.safetensors").write_text("")
     assert build_demo.trained_to(run) == 10
     later = tmp_path / "norm-free"

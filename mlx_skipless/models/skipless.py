@@ -21,7 +21,7 @@ their `model_file`, so stock `mlx_lm generate --trust-remote-code` runs them.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
