@@ -53,6 +53,7 @@ def run(size: str, kind: str, o):
     state = out / modeldir.TRAINING_DIR / modeldir.STATE
     done = state.exists() and json.loads(state.read_text())["step"] >= o.steps
     if not done and not o.report_only:
+        Path(o.work).mkdir(parents=True, exist_ok=True)
         cfg = Path(o.work) / f"{size}-{kind}.json"
         cfg.write_text(json.dumps(config(size, kind), indent=2))
         cmd = [sys.executable, "-m", "mlx_skipless.train", "--config", str(cfg), "--data", "stdlib",
