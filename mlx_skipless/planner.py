@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import fusion, verify
 from .fusion import SINGULAR_COND
+from .names import attention
 from .report import degraded
 
 # The bound's rule: keep B when cond(B) exceeds both. Fusion multiplies the dtype's own
@@ -39,7 +40,7 @@ def unit_roundoff(dtype: str, q_bits: Optional[int] = None) -> float:
 def condition_numbers(ckpt) -> list:
     """Per layer {"q": cond(Q), ...} for every square projection of a checkpoint (one SVD each)."""
     square = fusion.square_projections(ckpt.args)
-    return [{m: fusion.condition_number(layer[f"self_attn.{m}_proj.weight"]) for m in square}
+    return [{m: fusion.condition_number(layer[attention(m) + ".weight"]) for m in square}
             for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 

@@ -1,6 +1,7 @@
 """The conversion report: the record stored as `conversion` in config.json, and its log lines."""
 
 from . import __version__, counting, verify
+from .names import LM_HEAD
 
 
 def verification_record(logits, reference, stored_as, probe_shape):
@@ -48,8 +49,8 @@ def build_report(source, ckpt, args, new_args, forms, notes, inverted, dtype, qu
             "after": savings["reduced"]["total"],
             "removed": savings["removed"],
             "removed_fraction": savings["removed_fraction"],
-            "untied_head": savings["reduced"]["components"].get("lm_head", 0)
-            - savings["vanilla"]["components"].get("lm_head", 0),
+            "untied_head": savings["reduced"]["components"].get(LM_HEAD, 0)
+            - savings["vanilla"]["components"].get(LM_HEAD, 0),
         },
         "predicted_speedup": {"paper": savings["speedup_paper"],
                               "bytes_read": savings["speedup_predicted"]},

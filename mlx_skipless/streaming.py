@@ -15,6 +15,8 @@ from . import fusion, layout, verify
 from .checkpoint import ShardWriter
 from .loading import block_module, shell_module, store
 from .models.skipless import Block, Model
+from .names import (EMBED, EMBED_TOKENS, FFN_IN_LEAVES, FFN_OUT_LEAVES, HEAD, POSITIONS, block_key, is_norm,
+                    projection)
 from .report import verification_record
 
 ORIGINALS = ("original", "original_stored")
@@ -86,8 +88,8 @@ class Passes:
         start = max(changed[0] - 1, 0)
         streams = verify.Streams(self.tokens)
         streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
-        readers = {"q_proj", "k_proj", "v_proj"} | (set(fusion.FFN_IN_LEAVES) if args.parallel_block else set())
-        emitters = set(fusion.FFN_OUT_LEAVES) | ({"o_proj"} if args.parallel_block else set())
+        readers = set(map(projection, "qkv")) | (set(FFN_IN_LEAVES) if args.parallel_block else set())
+        emitters = set(FFN_OUT_LEAVES) | ({projection("o")} if args.parallel_block else set())
         for i in _progress(range(start, L), L - start, self.progress, "trying"):
             block = store(Block(new_args, forms[i]), self.target, self.quant)
             original = {}
@@ -95,7 +97,7 @@ class Passes:
             if take:
                 original = dict(tree_flatten(store(block_module(args, i, self.ckpt.layer(i, np.float32)),
                                                    self.target, self.quant).parameters()))
-            tensors = [(k, original[k] if k.rsplit(".", 2)[-2] in take else writer.read(f"model.layers.{i}.{k}"))
+            tensors = [(k, original[k] if k.rsplit(".", 2)[-2] in take else writer.read(block_key(i, k)))
                        for k, _ in tree_flatten(block.parameters())]
             block.load_weights(tensors)
             streams.step("converted_stored", block)
@@ -158,7 +160,7 @@ class Passes:
             streams.start(name, shells[name])
             embedded = streams.h[name]  # the last: the original as stored, where verified
             if not shells[name].args.tie_word_embeddings:
-                shells[name].model.pop("embed_tokens")  # from here on only the head is used
+                shells[name].model.pop(EMBED_TOKENS)  # from here on only the head is used
         shells = {n: shells[n] for n in names}  # the written shell need not stay
 
         pending = {0: first_block}  # read once: the generator takes it from here
@@ -178,7 +180,7 @@ class Passes:
             del fused
             stored = store(block_module(new_args, i, fused_flat), self.target, self.quant)
             if writer:
-                writer.add({f"model.layers.{i}.{k}": v for k, v in tree_flatten(stored.parameters())})
+                writer.add({block_key(i, k): v for k, v in tree_flatten(stored.parameters())})
             # One model at a time: each is built, advanced by one block and dropped.
             build = {"converted_stored": lambda: stored,
                      "converted": lambda: verify.on_numpy(Block(new_args, form), fused_flat),
@@ -204,14 +206,14 @@ def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):
     float32). The float64 tensors are freed on return; they are the largest thing held."""
     args, tensors = ckpt.args, ckpt.globals()
     embed, positions, head = fusion.fuse_embeddings(
-        tensors["model.embed_tokens.weight"], tensors.get("model.embed_positions.weight"),
-        None if args.tie_word_embeddings else tensors["lm_head.weight"].T, first, dtype=products)
-    fused = {k: v for k, v in tensors.items() if "norm" in k}
-    fused["model.embed_tokens.weight"] = embed
+        tensors[EMBED], tensors.get(POSITIONS),
+        None if args.tie_word_embeddings else tensors[HEAD].T, first, dtype=products)
+    fused = {k: v for k, v in tensors.items() if is_norm(k)}
+    fused[EMBED] = embed
     if positions is not None:
-        fused["model.embed_positions.weight"] = positions
+        fused[POSITIONS] = positions
     if not new_args.tie_word_embeddings:
-        fused["lm_head.weight"] = head.T
+        fused[HEAD] = head.T
     build = {"converted_stored": lambda: store(shell_module(new_args, fused), target, quant),
              "converted": lambda: verify.on_numpy(_shell(new_args), fused),
              "original": lambda: verify.on_numpy(_shell(args), tensors),
