@@ -6,6 +6,10 @@ writes an mlx-lm model directory, and verifies the result as it goes: the
 original and the converted model advance through the same probe tokens one
 block at a time, their matrix products on numpy's BLAS, so peak memory stays
 near two blocks plus the embeddings and verifying costs a fraction of fusing.
+
+This module is the order of the steps and the CLI; each step lives in the
+module named for it: planner (which matrix each layer loses), streaming (the
+passes that fuse, store and verify), report, card (the model's README), upload.
 """
 
 import argparse
@@ -74,7 +78,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     # Products that invert nothing need float64 only for a float32 output.
     products = np.float64 if dtype == "float32" and not quant else np.float32
     passes = Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress, products)
-    unit = planner.unit_roundoff(dtype, q_bits if quant else None)
+    unit = planner.storage_roundoff(dtype, q_bits if quant else None)
     plan = planner.first_plan(remove, merge_p, args.num_hidden_layers, unit, measured=verify_output)
 
     with output.protect(ckpt.path), output.stage() as staging:

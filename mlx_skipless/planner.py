@@ -32,7 +32,7 @@ Conds = Sequence[Dict[str, float]]  # per layer: {"q": cond(Q), ...} for each sq
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
-def unit_roundoff(dtype: str, q_bits: Optional[int] = None) -> float:
+def storage_roundoff(dtype: str, q_bits: Optional[int] = None) -> float:
     """The relative rounding error of storing in `dtype`, or in `q_bits`-bit quantization if coarser."""
     return max(UNIT_ROUNDOFF[dtype], 2.0 ** -q_bits if q_bits else 0.0)
 
@@ -58,6 +58,10 @@ def bound_limit(unit_roundoff: float) -> float:
     return max(MAX_AMPLIFICATION, AMPLIFICATION_BUDGET / unit_roundoff)
 
 
+def _over_bound(limit: float) -> str:
+    return f"exceeds the bound's limit {limit:.3g} (nothing measured)"
+
+
 def doubtful(conds: Conds, unit_roundoff: float) -> List[int]:
     """Layers whose best B the bound would keep: only a measurement can remove it."""
     limit = bound_limit(unit_roundoff)
@@ -68,7 +72,7 @@ def bound_plan(conds: Conds, unit_roundoff: float, merge_p: str) -> Tuple[List[s
     """(forms, notes) from the condition numbers alone."""
     limit = bound_limit(unit_roundoff)
     forms = [n + merge_p if n and row[n] <= limit else merge_p for row, n in zip(conds, best(conds))]
-    return forms, notes_for(conds, forms, f"exceeds the bound's limit {limit:.3g} (nothing measured)")
+    return forms, notes_for(conds, forms, _over_bound(limit))
 
 
 def ladder(conds: Conds, merge_p: str) -> List[List[str]]:
@@ -135,8 +139,7 @@ def settle(passes, staging, first, merge_p: str, unit: float, budget, stored_as:
     if budget is None:
         planning = {"method": "bound: keep B where cond(B) is past "
                     f"max({MAX_AMPLIFICATION:g}, {AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
-        notes = notes_for(conds, first.forms, f"exceeds the bound's limit {bound_limit(unit):.3g} "
-                          "(nothing measured)")
+        notes = notes_for(conds, first.forms, _over_bound(bound_limit(unit)))
         return first.forms, first, planning, notes
     rungs = ladder(conds, merge_p)
     forms, first, planning = measured_plan(passes, staging, rungs, len(doubtful(conds, unit)), first, budget,
