@@ -1,7 +1,8 @@
 """How far a converted model is from its original, next to what plain rounding costs.
 
-Fusion is exact on paper but multiplies rounding error by up to cond(Q) (DESIGN
-§3), so a number on its own says little: each figure for the converted model
+Fusion is exact on paper but multiplies rounding error by up to cond(Q), the
+condition number of the matrix whose inverse it folds into the neighbouring
+block, so a number on its own says little: each figure for the converted model
 comes with the same figure for the *unconverted* model stored in that dtype.
 """
 

@@ -4,7 +4,7 @@ The three models share one shape and dtype; the reduced one has the shapes the
 converter's fusion gives (no Q, no P), and all hold random weights, which decode
 time does not depend on. Decode steps of the three run
 interleaved one by one, in alternating order, after a warm-up, so drift on a
-shared machine hits all three alike (BENCHMARKING notes); the speedup is the
+shared machine hits all three alike; the speedup is the
 median of per-step time ratios. Prediction: bytes of weights read per token,
 vanilla over reduced.
 
