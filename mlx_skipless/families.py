@@ -10,6 +10,7 @@ architecture with every residual add and every norm inside the chain removed
 
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -374,6 +375,11 @@ class Mapping:
     def globals(self, get: Callable[[str], np.ndarray]) -> Dict[str, np.ndarray]:
         return _read(self.global_sources(), get)
 
+    def _block_prefix(self, i: int) -> str:
+        """What every checkpoint tensor of block i starts with ("model.layers.3.")."""
+        common = os.path.commonprefix([k for s in self.layer_sources(i).values() for k in s.keys])
+        return common[: common.rfind(".") + 1]
+
     def _check(self, shapes: Dict[str, Tuple[int, ...]], where: str):
         expected = {}
         for sources in [self.global_sources()] + [self.layer_sources(i)
@@ -384,14 +390,22 @@ class Mapping:
         ignored = {"lm_head.weight"} if self.args.tie_word_embeddings else set()
         unexpected = sorted(k for k in shapes
                             if k not in expected and k not in ignored and not BUFFERS.search(k))
-        norms = [k for k in unexpected if NORM_LIKE.search(k)]
+        # Only a norm inside a block stands in fusion's way; a norm-like name elsewhere
+        # (a renamed final norm) is just a tensor this family does not have.
+        blocks = tuple(self._block_prefix(i) for i in range(self.args.num_hidden_layers))
+        norms = [k for k in unexpected if NORM_LIKE.search(k) and k.startswith(blocks)]
         if norms:
             raise CheckpointError(
                 f"{where} has normalization inside its block chain: {_some(norms)}. Fusion "
                 "cannot move a matrix across a norm; remove the norms first with " + NORM_REMOVAL)
         if unexpected:
-            raise CheckpointError(f"{where} has tensors a skipless {self.family.name} model does "
-                                  f"not use: {_some(unexpected)}")
+            kind = "skipless" if self.family.name == "skipless" else f"skipless {self.family.name}"
+            final = (self.prefix + self.family.final_norm_key if self.family.final_norm_key
+                     else FINAL_NORM_PREFIX + "weight")
+            hint = (f" (a {kind} model's final norm is {final})"
+                    if final not in shapes and any(NORM_LIKE.search(k) for k in unexpected) else "")
+            raise CheckpointError(f"{where} has tensors that are not weights a {kind} model has: "
+                                  f"{_some(unexpected)}{hint}")
         missing = sorted(k for k in expected if k not in shapes)
         if missing:
             raise CheckpointError(f"{where} lacks tensors: {_some(missing)}")

@@ -177,6 +177,9 @@ def corrupt(tmp_path, how):
         hf.write(src, "skipless", args, extra)  # same names as llama; add the norms
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    elif how == "final_norm_renamed":  # a norm-like name outside the blocks is no block norm
+        hf.write(src, "llama", args, {("model.norm_x.weight" if k == "model.norm.weight" else k): v
+                                      for k, v in flat.items()})
     elif how == "unsupported":
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
@@ -194,6 +197,8 @@ def corrupt(tmp_path, how):
 ERRORS = {
     "not_skipless": r'not declared skipless.*residual.*would change what it computes.*--assume-skipless',
     "norms": r"normalization inside its block chain: model\.layers\.0\.input_layernorm\.weight.*normfree",
+    "final_norm_renamed": r"has tensors that are not weights a skipless llama model has: model\.norm_x\.weight "
+                          r"\(a skipless llama model's final norm is model\.norm\.weight\)$",
     "unsupported": r"'bert' is not supported; supported: llama, mistral, mixtral, gpt_neox, gpt2, skipless",
     "missing": r"no \*\.safetensors weight files",
     "truncated": r"unreadable or truncated",
