@@ -163,6 +163,50 @@ def check_config(config: dict, where: str):
         else:
             continue
         raise CheckpointError(f"{where}: config.json's {key!r} must be {want}, not {json.dumps(value)[:80]}")
+    check_rope(config, where)
+
+
+# Entries of rope_parameters / rope_scaling that mlx-lm's RoPE reads, by what they must be.
+ROPE_NUMBERS = ("rope_theta", "partial_rotary_factor", "low_freq_factor", "high_freq_factor",
+                "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+ROPE_FACTORS = ("short_factor", "long_factor")
+# RoPE types that cannot do without a scaling factor.
+ROPE_NEEDS_FACTOR = ("linear", "dynamic", "llama3", "yarn", "deepseek_yarn", "telechat3-yarn")
+
+
+def _finite(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def check_rope(config: dict, where: str):
+    """Refuse a bad entry inside rope_parameters or rope_scaling, named by its path.
+
+    mlx-lm divides, multiplies and indexes these as they are, so a string or a
+    missing factor otherwise surfaces as an arithmetic error naming no field."""
+    for section in ("rope_parameters", "rope_scaling"):
+        params = config.get(section)
+        if not isinstance(params, dict):
+            continue  # absent, or refused by check_config as not an object
+        kind = params.get("type") or params.get("rope_type", "default")
+        problems = []
+        if not isinstance(kind, str):
+            problems.append(("type" if params.get("type") else "rope_type", "a string", kind))
+        for key, value in params.items():
+            if key == "factor" and not (_finite(value) and value > 0):
+                problems.append((key, "a positive finite number", value))
+            elif key in ROPE_NUMBERS and not _finite(value):
+                problems.append((key, "a finite number", value))
+            elif key == "original_max_position_embeddings" and not (type(value) is int and value > 0):
+                problems.append((key, "a positive integer", value))
+            elif key in ROPE_FACTORS and not (isinstance(value, list) and all(map(_finite, value))):
+                problems.append((key, "a JSON list of finite numbers", value))
+        if problems:
+            key, want, value = problems[0]
+            raise CheckpointError(f"{where}: config.json's '{section}.{key}' must be {want}, "
+                                  f"not {json.dumps(value)[:80]}")
+        if kind in ROPE_NEEDS_FACTOR and "factor" not in params:
+            raise CheckpointError(f"{where}: config.json's '{section}.factor' is missing: "
+                                  f"RoPE type {kind!r} needs it")
 
 
 def model_fields(c: dict) -> dict:

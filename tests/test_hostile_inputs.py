@@ -186,6 +186,12 @@ CONFIGS = {
     "layers_float": ({"num_hidden_layers": 1e6}, "'num_hidden_layers' must be a positive integer"),
     "model_type": ({"model_type": ["llama"]}, "'model_type' must be a string"),
     "rope_scaling": ({"rope_scaling": {"rope_type": "bogus"}}, "does not describe a model: Unsupported RoPE type"),
+    "rope_factor": ({"rope_parameters": {"rope_type": "linear", "factor": "abc"}},
+                    "config.json's 'rope_parameters.factor' must be a positive finite number, not \"abc\"$"),
+    "rope_beta": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": None}},
+                  "config.json's 'rope_scaling.beta_fast' must be a finite number, not null$"),
+    "rope_no_factor": ({"rope_scaling": {"type": "linear"}},
+                       "config.json's 'rope_scaling.factor' is missing: RoPE type 'linear' needs it$"),
     "too_wide": ({"vocab_size": 10**12}, "does not describe a model: .*outside the supported"),
 }
 
