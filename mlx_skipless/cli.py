@@ -115,17 +115,23 @@ def _add_verbose(parser, default):
 def command(build_parser):
     """Make `main(argv=None, **kwargs)` from `body(opts, **kwargs)`: parse with
     build_parser() (which gains --verbose unless it has its own), then run the body
-    guarded. `main.build_parser` stays reachable for the README's flag table."""
+    guarded. `main.build_parser` stays reachable for the README's flag table;
+    `main.nested` runs the command as a step of another one: its errors rise to
+    the caller, which reports them once, rather than being printed here too."""
 
     def decorate(body):
-        @functools.wraps(body)
-        def main(argv=None, **kwargs):
+        def parse(argv):
             parser = build_parser()
             _add_verbose(parser, default=False)
-            opts = parser.parse_args(argv)
+            return parser.parse_args(argv)
+
+        @functools.wraps(body)
+        def main(argv=None, **kwargs):
+            opts = parse(argv)
             return guarded(lambda: body(opts, **kwargs), getattr(opts, "verbose", False) is True)
 
         main.build_parser = build_parser
+        main.nested = lambda argv, **kwargs: body(parse(argv), **kwargs)
         return main
 
     return decorate

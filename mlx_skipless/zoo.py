@@ -254,18 +254,25 @@ def run(name: str, size: str, out: Path, log=print, force: bool = False, resume:
         target = out / kind
         log(f"[zoo] {name} ({size}): {kind}")
         if kind == "train":
-            code = train.main(["--config", str(out / "model.json"), "--mlx-path", str(target)]
-                              + (["--resume"] if resume else []) + _flags(options))
+            step, argv = train, ["--config", str(out / "model.json"), "--mlx-path", str(target)] + (
+                ["--resume"] if resume else [])
         elif kind == "normfree":
-            code = normfree.main(["--model", str(source), "--mlx-path", str(target), "--force"] + _flags(options))
+            step, argv = normfree, ["--model", str(source), "--mlx-path", str(target), "--force"]
         elif kind in ("convert", "quantize"):
-            extra = ["-q"] if kind == "quantize" else []
-            code = convert.main(["--hf-path", str(source), "--mlx-path", str(target), "--force"]
-                                + extra + _flags(options))
+            step, argv = convert, ["--hf-path", str(source), "--mlx-path", str(target), "--force"] + (
+                ["-q"] if kind == "quantize" else [])
         elif kind == "generate":
-            code = generate.main(["--model", str(latest)] + _flags(options))
+            step, argv = generate, ["--model", str(latest)]
         else:
             raise KeyError(f"recipe {name!r}: unknown step {kind!r}")
+        try:  # the step's error, said once, with the step it stopped
+            code = step.main.nested(argv + _flags(options))
+        except BrokenPipeError:  # `| head`: the outer command ends quietly
+            raise
+        except Exception as e:  # noqa: BLE001 -- reported as the step's own error would be
+            stopped = cli.CommandError(f"recipe {name!r} stopped at {kind!r}: {cli.message(e)}")
+            stopped.exit_code = getattr(e, "exit_code", 1)
+            raise stopped from e
         if code:
             raise cli.CommandError(f"recipe {name!r} stopped at {kind!r} (exit status {code})")
         if kind in ("train", "normfree"):

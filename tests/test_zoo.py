@@ -47,6 +47,16 @@ def test_unknown_names_are_one_line_errors(capsys):
     assert "no model 'gpt-5'; the zoo has:" in capsys.readouterr().err
 
 
+def test_a_failing_step_is_one_error_line(tmp_path, capsys, monkeypatch):
+    model, _ = zoo.sized("skipless-python", "tiny")
+    # A recipe whose first step converts a checkpoint no earlier step made.
+    monkeypatch.setattr(zoo, "sized", lambda name, size: (model, [("convert", {})]))
+    assert zoo.main(["run", "skipless-python", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith("error: recipe 'skipless-python' stopped at 'convert': ")
+    assert "None" in err  # the step's own reason: the missing checkpoint it was given
+
+
 @pytest.mark.parametrize("recipe", list(zoo.recipes()))
 def test_every_recipe_runs_tiny_end_to_end(recipe, tmp_path, capsys):
     paths = zoo.run(recipe, "tiny", tmp_path, log=lambda *_: None)
