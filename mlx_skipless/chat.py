@@ -10,7 +10,9 @@ import sys
 from mlx_lm.generate import stream_generate
 
 from . import cli
-from .generate import add_generation_args, check_generation_args, load_for_generation, prompt_cache, sampler_of
+from .checkpoint import CheckpointError
+from .generate import (add_generation_args, check_generation_args, fit_context, load_for_generation, prompt_cache,
+                       sampler_of)
 
 
 def build_parser():
@@ -52,8 +54,13 @@ def main(opts, read=input, write=print):
         tokens = turn_tokens(tokenizer, text, opts.system_prompt, first)
         if len(tokens) == 0:
             continue
+        try:  # a turn past the context is refused before the model sees it; the session goes on
+            max_tokens = fit_context(model, len(tokens), opts.max_tokens, held=cache[0].offset, log=write)
+        except CheckpointError as e:
+            write(f"[INFO] {e}: this turn is not sent; 'r' resets the conversation")
+            continue
         first = False
-        for response in stream_generate(model, tokenizer, tokens, max_tokens=opts.max_tokens,
+        for response in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens,
                                         sampler=sampler, prompt_cache=cache, kv_bits=opts.kv_bits,
                                         kv_group_size=opts.kv_group_size,
                                         quantized_kv_start=opts.quantized_kv_start):

@@ -137,6 +137,28 @@ def context_length(model) -> int:
     return model.args.max_position_embeddings
 
 
+def fit_context(model, prompt_len: int, max_tokens: int, held: int = 0, log=None) -> int:
+    """How many tokens to generate after a prompt of prompt_len tokens that follows
+    `held` tokens already in the cache (a chat's earlier turns); a CheckpointError
+    where the prompt itself does not fit. Learned positions end at the context
+    length (past it the model would reuse its last position and say nonsense), so
+    there the conversation counts and generation is cut to fit, said through
+    `log`; RoPE positions go on, so only the prompt is bounded, as mlx-lm does."""
+    limit = context_length(model)
+    learned = model.args.position_embedding_type == "learned"
+    used = held + prompt_len if learned else prompt_len
+    if used > limit or (learned and used == limit):
+        if held and learned:
+            raise CheckpointError(f"the conversation holds {held} tokens and this turn adds {prompt_len}; "
+                                  f"the model's context is {limit}")
+        raise CheckpointError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
+    if learned and used + max_tokens > limit:
+        max_tokens = limit - used
+        if log:
+            log(f"[INFO] generating {max_tokens} tokens: the context ends at {limit}")
+    return max_tokens
+
+
 def read_prompt(prompt: str) -> str:
     if prompt != "-":
         return prompt.replace("\\n", "\n")
@@ -157,15 +179,8 @@ def main(opts):
     tokens = encode_prompt(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
     if len(tokens) == 0:
         raise ValueError("the prompt encodes to no tokens")
-    limit = context_length(model)
-    learned = model.args.position_embedding_type == "learned"
-    if len(tokens) > limit or (learned and len(tokens) == limit):
-        raise CheckpointError(f"the prompt is {len(tokens)} tokens; the model's context is {limit}")
-    max_tokens = opts.max_tokens
-    if learned and len(tokens) + max_tokens > limit:
-        # Learned positions end at the context length; nothing can be generated past it.
-        max_tokens = limit - len(tokens)
-        print(f"[INFO] generating {max_tokens} tokens: the context ends at {limit}", file=sys.stderr)
+    max_tokens = fit_context(model, len(tokens), opts.max_tokens,
+                             log=lambda note: print(note, file=sys.stderr))
     text = generate(model, tokenizer, tokens, verbose=verbose, max_tokens=max_tokens,
                     sampler=sampler_of(opts), prompt_cache=prompt_cache(model, opts.max_kv_size),
                     kv_bits=opts.kv_bits,

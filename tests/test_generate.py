@@ -129,6 +129,28 @@ def test_chat_resets_and_streams_like_generate(models):
     assert turns == [mlx_lm.generate(model, tokenizer, p, max_tokens=3) for p in ("def x", "return y")]
 
 
+def test_chat_stops_at_a_learned_context(tmp_path):
+    """Learned positions end at the context: a chat cuts the turn that reaches it and refuses
+    the next one with a line, instead of reusing the last position and talking nonsense."""
+    args, flat = hf.case("gpt2", seed=2)
+    src = hf.write(tmp_path / "gpt2", "gpt2", args, flat)
+    lines = iter(["def x", "return y", "x = 1", "r", "def x", "q"])
+    said = []
+    assert chat.main(["--model", str(src), "--max-tokens", "40"], read=lambda _: next(lines),
+                     write=lambda *a, end="\n", **k: said.append("".join(a) + end)) == 0
+    out = "".join(said).splitlines()
+    limit = args.max_position_embeddings
+    cut = [line for line in out if line.startswith("[INFO] generating ")]
+    assert len(cut) == 1 and cut[0].endswith(f"tokens: the context ends at {limit}")
+    refused = [line for line in out if "this turn is not sent" in line]
+    assert refused == [f"[INFO] the conversation holds {limit} tokens and this turn adds 3; the model's "
+                       f"context is {limit}: this turn is not sent; 'r' resets the conversation"]
+    model, tokenizer = mlx_skipless.load(str(src))
+    first = mlx_lm.generate(model, tokenizer, "def x", max_tokens=40)
+    text = "".join(said).split("\n", 1)[1]  # after the [INFO] chatting line
+    assert text.startswith(first) and text.endswith(first + "\n")  # after the reset, the context is whole again
+
+
 def test_mlx_lm_server_answers_for_a_converted_model(models):
     with mlx_lm_server(models["moe"][1]) as port:
         completion = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
