@@ -6,12 +6,15 @@ extended and filtered batch caches) gives each prompt the tokens it gets alone,
 saved prompt caches continue exactly, and quantized or rotating KV caches change
 only the softmax term."""
 
+import re
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import batch_generate
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 import hf_checkpoints as hf
@@ -99,6 +102,17 @@ def test_saved_prompt_caches_continue_exactly_in_a_batch(tokenizer, tmp_path):
     result = batch_generate(model, tokenizer, rests, prompt_caches=caches, max_tokens=6,
                             return_token_ids=True, return_logprobs=True)
     assert_batch_equals_alone(result, model, full, [6] * 3)
+
+
+def test_the_mlx_lm_floor_masks_left_padding_and_lengths_together():
+    """A merged prompt cache (left padding) prefilled in a batch (lengths) has both set: the value
+    sums must skip both. mlx-lm's ArraysCache.make_mask does so from 0.32.0 (before, left padding
+    alone); pyproject's floor must not promise less."""
+    state = ArraysCache(2, left_padding=[1, 0])
+    state.prepare(lengths=[3, 2])
+    assert state.make_mask(4).tolist() == [[False, True, True, False], [True, True, False, False]]
+    floor = re.search(r'"mlx-lm>=([\d.]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text())[1]
+    assert tuple(map(int, floor.split("."))) >= (0, 32, 0)
 
 
 def steps(model, prompt, max_tokens, cache, **kw):
