@@ -136,9 +136,13 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
         raise ValueError("this model has residual adds; normfree is for skipless models")
     report = {"val_loss_with_norms": evaluate(model, corpus, context), "stages": []}
     log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
-    # A fresh Adam's first steps are full-size: warm up, or they undo the training.
+    # A fresh Adam's first steps are full-size: warm up, or they undo the training. The final
+    # steps anneal to zero, as training did, so the model is not left where a large step put it.
     warmup = optim.linear_schedule(lr / 20, lr, WARMUP_STEPS)
-    optimizer = optim.AdamW(optim.join_schedules([warmup, lambda _: lr], [WARMUP_STEPS]), weight_decay=0.0)
+    stages = steps_per_norm * len(schedule(args))
+    anneal = optim.linear_schedule(lr, 0.0, max(final_steps, 1))
+    optimizer = optim.AdamW(optim.join_schedules([warmup, lambda _: lr, anneal],
+                                                 [WARMUP_STEPS, max(stages, WARMUP_STEPS)]), weight_decay=0.0)
     step = 0
     for i, name in schedule(args):
         scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
