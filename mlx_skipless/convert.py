@@ -35,9 +35,9 @@ class DegradedError(cli.CommandError):
 
 
 def condition_numbers(ckpt: SkiplessCheckpoint) -> list:
-    """Per layer {"q": cond(Q), ...} for every square projection (one SVD each)."""
+    """Per layer {"q": cond(Q), ...} for every square projection, as the conversion reports them."""
     square = fusion.square_projections(ckpt.args)
-    return [{m: fusion.condition_number(layer[f"self_attn.{m}_proj.weight"]) for m in square}
+    return [{m: fusion.inverse_and_condition(layer[f"self_attn.{m}_proj.weight"])[1] for m in square}
             for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 
