@@ -9,6 +9,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from . import names
 from .models.skipless import Model, ModelArgs
 
 
@@ -21,19 +22,20 @@ def shapes(args: ModelArgs) -> Dict[str, tuple]:
 
 
 def component(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'q_proj'; 'model.layers.3.mlp.gate.weight' -> 'router'."""
-    parts = name.split(".")
-    if parts[0] == "lm_head":
-        return "lm_head"
-    if parts[1] in ("embed_tokens", "embed_positions", "norm"):
-        return {"norm": "norms"}.get(parts[1], parts[1])
-    if "norm" in parts[3]:
+    """A weight's component: its attention projection ('q_proj', ...), 'ffn', 'experts', 'router',
+    'norms', or the module of a whole-model tensor ('embed_tokens', 'embed_positions', 'lm_head')."""
+    if names.is_norm(name):
         return "norms"
-    if parts[3] == "self_attn":
+    parts = name.split(".")
+    if parts[0] == names.LM_HEAD:
+        return names.LM_HEAD
+    if parts[1] in (names.EMBED_TOKENS, names.EMBED_POSITIONS):
+        return parts[1]
+    if parts[3] == names.ATTENTION:
         return parts[4]
-    if parts[4] == "gate":
+    if parts[4] == names.ROUTER:
         return "router"
-    return "experts" if parts[4] == "switch_mlp" else "ffn"
+    return "experts" if parts[4] == names.EXPERTS else "ffn"
 
 
 def count(args: ModelArgs) -> dict:
@@ -43,16 +45,16 @@ def count(args: ModelArgs) -> dict:
         parts[component(name)] += int(np.prod(shape))
     total = sum(parts.values())
     d = args.hidden_size
-    embeddings = parts["embed_tokens"] + parts["embed_positions"]
+    embeddings = parts[names.EMBED_TOKENS] + parts[names.EMBED_POSITIONS]
     # Batch-1 decode reads one row of each embedding table, the head (the whole
     # embedding when tied), every matrix, and only k of the n experts.
     experts_read = parts["experts"] * args.num_experts_per_tok / max(args.num_local_experts, 1)
-    read = total - embeddings - parts["experts"] + experts_read + d * (1 + ("embed_positions" in parts))
+    read = total - embeddings - parts["experts"] + experts_read + d * (1 + (names.EMBED_POSITIONS in parts))
     if args.tie_word_embeddings:
-        read += parts["embed_tokens"]
+        read += parts[names.EMBED_TOKENS]
     return {
         "total": total,
-        "non_embedding": total - embeddings - parts["lm_head"],
+        "non_embedding": total - embeddings - parts[names.LM_HEAD],
         "read_per_token": int(read),
         "components": dict(sorted(parts.items())),
     }

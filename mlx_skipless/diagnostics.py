@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
+from . import names
+
 
 def _mean_cosine(h: mx.array) -> float:
     """Mean over sequences of the mean off-diagonal cosine between positions."""
@@ -29,8 +31,8 @@ def _mean_cosine(h: mx.array) -> float:
 def attention_entropy(attn, x: mx.array) -> float:
     """Normalized entropy of the softmax of `attn` (an Attention) applied to `x`."""
     B, L, _ = x.shape
-    q = attn._project("q_proj", x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn._project("k_proj", x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q = attn._project(names.projection("q"), x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = attn._project(names.projection("k"), x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     if attn.rope is not None:
         q, k = attn.rope(q), attn.rope(k)
     k = mx.repeat(k, attn.n_heads // attn.n_kv_heads, axis=1)
@@ -49,13 +51,14 @@ def signal_propagation(model, inputs: mx.array) -> list:
     rows = []
     for layer in model.layers:
         attn = layer.self_attn
-        x = layer._norm("input_layernorm", h)
-        row = {"entropy": attention_entropy(attn, x) if "q_proj" in attn and "k_proj" in attn else None}
+        x = layer._norm(names.INPUT_NORM, h)
+        has_qk = names.projection("q") in attn and names.projection("k") in attn
+        row = {"entropy": attention_entropy(attn, x) if has_qk else None}
         a = attn(x, mask)
         row["attn_cos"] = _mean_cosine(a)
         h = layer(h, mask)
         row.update(rms=mx.sqrt(mx.mean(mx.square(h))).item(), cos=_mean_cosine(h))
-        for name in ("alpha", "beta", "gamma"):
+        for name in names.SHAPED:
             if name in attn:
                 row[name] = float(np.mean(np.array(attn[name])))
         rows.append(row)

@@ -17,8 +17,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from . import names
 from .checkpoint import CheckpointError
 from .models.skipless import Block, ModelArgs
+from .names import EMBED, FINAL_NORM_PREFIX, HEAD, POSITIONS
 
 NORM_REMOVAL = "python -m mlx_skipless.normfree (the norm-removal recipe, see the zoo)"
 # Buffers some checkpoints carry that are not weights: causal masks, RoPE tables.
@@ -175,28 +177,29 @@ def _llama_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
     d, hd, f = a.hidden_size, a.head_dim, a.intermediate_size
     q, kv, src = a.num_attention_heads * hd, a.num_key_value_heads * hd, {}
     pre = f"model.layers.{i}"
-    for name, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-        _linear(src, f"self_attn.{name}", f"{pre}.self_attn.{name}", out, d, a.attention_bias)
-    _linear(src, "self_attn.o_proj", f"{pre}.self_attn.o_proj", d, q, a.attention_bias)
+    for m, out in (("q", q), ("k", kv), ("v", kv)):
+        _linear(src, names.attention(m), f"{pre}.self_attn.{m}_proj", out, d, a.attention_bias)
+    _linear(src, names.O, f"{pre}.self_attn.o_proj", d, q, a.attention_bias)
     if a.num_local_experts:
         e, moe = range(a.num_local_experts), f"{pre}.block_sparse_moe"
-        src["mlp.gate.weight"] = same(f"{moe}.gate.weight", a.num_local_experts, d)
-        for ours, theirs, shape in (("gate_proj", "w1", (f, d)), ("up_proj", "w3", (f, d)),
-                                    ("down_proj", "w2", (d, f))):
-            src[f"mlp.switch_mlp.{ours}.weight"] = stacked(
+        src[names.ffn(names.ROUTER) + ".weight"] = same(f"{moe}.gate.weight", a.num_local_experts, d)
+        for ours, theirs, shape in ((names.GATE, "w1", (f, d)), (names.UP, "w3", (f, d)),
+                                    (names.DOWN, "w2", (d, f))):
+            src[names.ffn(ours, experts=True) + ".weight"] = stacked(
                 [f"{moe}.experts.{j}.{theirs}.weight" for j in e], *shape)
     else:
-        for name, out, inp in (("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)):
-            _linear(src, f"mlp.{name}", f"{pre}.mlp.{name}", out, inp, a.mlp_bias)
+        for ours, theirs, out, inp in ((names.GATE, "gate_proj", f, d), (names.UP, "up_proj", f, d),
+                                       (names.DOWN, "down_proj", d, f)):
+            _linear(src, names.ffn(ours), f"{pre}.mlp.{theirs}", out, inp, a.mlp_bias)
     return src
 
 
 def _llama_globals(a: ModelArgs, p: str, norm: bool) -> Dict[str, Source]:
-    src = {"model.embed_tokens.weight": same("model.embed_tokens.weight", a.vocab_size, a.hidden_size)}
+    src = {EMBED: same("model.embed_tokens.weight", a.vocab_size, a.hidden_size)}
     if norm:
-        src["model.norm.weight"] = same("model.norm.weight", a.hidden_size)
+        src[FINAL_NORM_PREFIX + "weight"] = same("model.norm.weight", a.hidden_size)
     if not a.tie_word_embeddings:
-        src["lm_head.weight"] = same("lm_head.weight", a.vocab_size, a.hidden_size)
+        src[HEAD] = same("lm_head.weight", a.vocab_size, a.hidden_size)
     return src
 
 
@@ -212,23 +215,23 @@ def _neox_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
     d, n, hd, f = a.hidden_size, a.num_attention_heads, a.head_dim, a.intermediate_size
     pre, src = f"gpt_neox.layers.{i}", {}
     qkv = f"{pre}.attention.query_key_value"
-    for which, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        src[f"self_attn.{name}.weight"] = _neox_qkv(f"{qkv}.weight", n, hd, d, which, False)
+    for which, name in enumerate(names.ATTN_IN):
+        src[f"{name}.weight"] = _neox_qkv(f"{qkv}.weight", n, hd, d, which, False)
         if a.attention_bias:
-            src[f"self_attn.{name}.bias"] = _neox_qkv(f"{qkv}.bias", n, hd, d, which, True)
-    _linear(src, "self_attn.o_proj", f"{pre}.attention.dense", d, n * hd, a.attention_bias)
-    _linear(src, "mlp.fc1", f"{pre}.mlp.dense_h_to_4h", f, d, True)
-    _linear(src, "mlp.fc2", f"{pre}.mlp.dense_4h_to_h", d, f, True)
+            src[f"{name}.bias"] = _neox_qkv(f"{qkv}.bias", n, hd, d, which, True)
+    _linear(src, names.O, f"{pre}.attention.dense", d, n * hd, a.attention_bias)
+    _linear(src, names.ffn(names.FC1), f"{pre}.mlp.dense_h_to_4h", f, d, True)
+    _linear(src, names.ffn(names.FC2), f"{pre}.mlp.dense_4h_to_h", d, f, True)
     return src
 
 
 def _neox_globals(a: ModelArgs, p: str, norm: bool) -> Dict[str, Source]:
-    src = {"model.embed_tokens.weight": same("gpt_neox.embed_in.weight", a.vocab_size, a.hidden_size)}
+    src = {EMBED: same("gpt_neox.embed_in.weight", a.vocab_size, a.hidden_size)}
     if norm:
-        src["model.norm.weight"] = same("gpt_neox.final_layer_norm.weight", a.hidden_size)
-        src["model.norm.bias"] = same("gpt_neox.final_layer_norm.bias", a.hidden_size)
+        src[FINAL_NORM_PREFIX + "weight"] = same("gpt_neox.final_layer_norm.weight", a.hidden_size)
+        src[FINAL_NORM_PREFIX + "bias"] = same("gpt_neox.final_layer_norm.bias", a.hidden_size)
     if not a.tie_word_embeddings:
-        src["lm_head.weight"] = same("embed_out.weight", a.vocab_size, a.hidden_size)
+        src[HEAD] = same("embed_out.weight", a.vocab_size, a.hidden_size)
     return src
 
 
@@ -243,24 +246,23 @@ def _c_attn(key: str, d: int, which: int, bias: bool) -> Source:
 def _gpt2_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
     d, f = a.hidden_size, a.intermediate_size
     pre, src = f"{p}h.{i}", {}
-    for which, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        src[f"self_attn.{name}.weight"] = _c_attn(f"{pre}.attn.c_attn.weight", d, which, False)
-        src[f"self_attn.{name}.bias"] = _c_attn(f"{pre}.attn.c_attn.bias", d, which, True)
-    _linear(src, "self_attn.o_proj", f"{pre}.attn.c_proj", d, d, True, conv1d)
-    _linear(src, "mlp.fc1", f"{pre}.mlp.c_fc", f, d, True, conv1d)
-    _linear(src, "mlp.fc2", f"{pre}.mlp.c_proj", d, f, True, conv1d)
+    for which, name in enumerate(names.ATTN_IN):
+        src[f"{name}.weight"] = _c_attn(f"{pre}.attn.c_attn.weight", d, which, False)
+        src[f"{name}.bias"] = _c_attn(f"{pre}.attn.c_attn.bias", d, which, True)
+    _linear(src, names.O, f"{pre}.attn.c_proj", d, d, True, conv1d)
+    _linear(src, names.ffn(names.FC1), f"{pre}.mlp.c_fc", f, d, True, conv1d)
+    _linear(src, names.ffn(names.FC2), f"{pre}.mlp.c_proj", d, f, True, conv1d)
     return src
 
 
 def _gpt2_globals(a: ModelArgs, p: str, norm: bool) -> Dict[str, Source]:
-    src = {"model.embed_tokens.weight": same(f"{p}wte.weight", a.vocab_size, a.hidden_size),
-           "model.embed_positions.weight": same(f"{p}wpe.weight", a.max_position_embeddings,
-                                                a.hidden_size)}
+    src = {EMBED: same(f"{p}wte.weight", a.vocab_size, a.hidden_size),
+           POSITIONS: same(f"{p}wpe.weight", a.max_position_embeddings, a.hidden_size)}
     if norm:
-        src["model.norm.weight"] = same(f"{p}ln_f.weight", a.hidden_size)
-        src["model.norm.bias"] = same(f"{p}ln_f.bias", a.hidden_size)
+        src[FINAL_NORM_PREFIX + "weight"] = same(f"{p}ln_f.weight", a.hidden_size)
+        src[FINAL_NORM_PREFIX + "bias"] = same(f"{p}ln_f.bias", a.hidden_size)
     if not a.tie_word_embeddings:
-        src["lm_head.weight"] = same("lm_head.weight", a.vocab_size, a.hidden_size)
+        src[HEAD] = same("lm_head.weight", a.vocab_size, a.hidden_size)
     return src
 
 
@@ -270,7 +272,7 @@ def _skipless_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
     from .models.skipless import Block
 
     block = Block(a, a.removed[i])  # lazy: allocates nothing until evaluated
-    return {k: same(f"model.layers.{i}.{k}", *v.shape) for k, v in tree_flatten(block.parameters())}
+    return {k: same(names.block_key(i, k), *v.shape) for k, v in tree_flatten(block.parameters())}
 
 
 def _skipless_globals(a: ModelArgs, p: str, norm: bool) -> Dict[str, Source]:

@@ -15,8 +15,9 @@ import tempfile
 
 from . import cli
 from .checkpoint import CheckpointError
-from .convert import DEFAULT_SOURCE, condition_numbers, convert
+from .convert import DEFAULT_SOURCE, convert
 from .loading import SkiplessCheckpoint
+from .planner import condition_numbers
 from .verify import PROBE_BATCH, PROBE_LENGTH
 
 TARGETS = {"float32": ("float32", None), "float16": ("float16", None), "bfloat16": ("bfloat16", None),

@@ -22,13 +22,10 @@ from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Se
 
 import numpy as np
 
+from .names import ATTN_IN, ATTN_OUT, FFN_IN_LEAVES, FFN_OUT_LEAVES, attention, is_ffn, leaf, projection
+
 if TYPE_CHECKING:  # only its fields are read: fusion runs without MLX
     from .models.skipless import ModelArgs
-
-ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-ATTN_OUT = "self_attn.o_proj"
-FFN_IN_LEAVES = ("gate_proj", "up_proj", "fc1", "gate")  # "gate" is the MoE router
-FFN_OUT_LEAVES = ("down_proj", "fc2")
 
 # Past this, float64 itself cannot invert the matrix meaningfully.
 SINGULAR_COND = 1 / np.finfo(np.float64).eps
@@ -275,7 +272,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
     name = form.replace("p", "")
     if not name:
         return None
-    key = f"self_attn.{name}_proj"
+    key = attention(name)
     B = layer[key]
     inverse, cond = inverse_and_condition(B.W)
     if check and cond > SINGULAR_COND:
@@ -284,7 +281,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
             "it cannot be removed. Keep it in this layer (plan entry without "
             f"{name!r}) or use --remove auto"
         )
-    return Basis(B, inverse, InvertedMatrix(index, f"{name}_proj", cond))
+    return Basis(B, inverse, InvertedMatrix(index, projection(name), cond))
 
 
 def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], parallel: bool,
@@ -293,12 +290,12 @@ def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], para
     `form` removes), drop P if the form says so, and emit the next block's basis
     `nxt` (None: emit x itself)."""
     new = dict(layer)
-    ffn_in = [k for k in layer if k.startswith("mlp.") and k.rsplit(".", 1)[1] in FFN_IN_LEAVES]
-    ffn_out = [k for k in layer if k.startswith("mlp.") and k.rsplit(".", 1)[1] in FFN_OUT_LEAVES]
+    ffn_in = [k for k in layer if is_ffn(k) and leaf(k) in FFN_IN_LEAVES]
+    ffn_out = [k for k in layer if is_ffn(k) and leaf(k) in FFN_OUT_LEAVES]
 
     name = form.replace("p", "")
     if name:
-        del new[f"self_attn.{name}_proj"]
+        del new[attention(name)]
         readers = [k for k in ATTN_IN if k in new] + (ffn_in if parallel else [])
         for k in readers:
             new[k] = layer[k].after_inverse_of(basis)

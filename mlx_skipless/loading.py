@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import families
+from . import families, names
 from .checkpoint import TOKENIZER_FILES, CheckpointError, TensorSource, read_config, read_json, resolve
 from .models.skipless import Block, Model, ModelArgs
 
@@ -108,7 +108,7 @@ def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = F
     # are 8 bytes a weight, and only one block of them need exist at a time.
     weights = to_mlx(ckpt.globals(), dtype)
     for i in range(ckpt.args.num_hidden_layers):
-        block = to_mlx({f"model.layers.{i}.{k}": v for k, v in ckpt.layer(i).items()}, dtype)
+        block = to_mlx({names.block_key(i, k): v for k, v in ckpt.layer(i).items()}, dtype)
         mx.eval([v for _, v in block])
         weights += block
     model.load_weights(weights)

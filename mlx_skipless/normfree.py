@@ -17,30 +17,26 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import cli, data, modeldir
+from . import cli, data, modeldir, names
 from .loss import cross_entropy, evaluate
 from .checkpoint import OutputDir
 from .models.skipless import Model, ModelArgs
+from .names import EMBED, FFN_INPUTS, FFN_NORM, FFN_OUTPUTS, HEAD, INPUT_NORM
 from .norms import FixedNorm, ScaleRecorder, center_output, fold
 
-FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.gate",
-              "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.fc1")
 WARMUP_STEPS = 20
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-FFN_OUTPUTS = ("mlp.down_proj", "mlp.fc2", "mlp.switch_mlp.down_proj", "mlp.switch_mlp.fc2")
 
 
 def schedule(args: ModelArgs):
     """(layer, norm) in removal order: FFN inputs first, then attention inputs."""
-    serial = [] if args.parallel_block else [(i, "post_attention_layernorm")
-                                             for i in range(args.num_hidden_layers)]
-    return serial + [(i, "input_layernorm") for i in range(args.num_hidden_layers)]
+    serial = [] if args.parallel_block else [(i, FFN_NORM) for i in range(args.num_hidden_layers)]
+    return serial + [(i, INPUT_NORM) for i in range(args.num_hidden_layers)]
 
 
 def consumers(args: ModelArgs, i: int, norm: str, params: dict):
     """The linear layers (paths relative to block i) that read the norm's output."""
-    attention = [f"self_attn.{n}_proj" for n in "qkv"]
-    if norm == "input_layernorm":
+    attention = list(names.ATTN_IN)
+    if norm == INPUT_NORM:
         missing = [p for p in attention if f"{p}.weight" not in params]
         if missing:
             raise ValueError(f"layer {i}: the input norm feeds the removed {missing[0]}; "
@@ -53,14 +49,14 @@ def consumers(args: ModelArgs, i: int, norm: str, params: dict):
 
 def producers(args: ModelArgs, i: int, norm: str, flat: dict):
     """(tensor name, feature axis) of everything that writes the norm's input."""
-    if norm == "post_attention_layernorm":
-        paths = [f"model.layers.{i}.self_attn.o_proj"]
+    if norm == FFN_NORM:
+        paths = [names.block_key(i, names.ATTN_OUT)]
     elif i == 0:
-        return [(k, -1) for k in (EMBED, "model.embed_positions.weight") if k in flat]
+        return [(k, -1) for k in (EMBED, names.POSITIONS) if k in flat]
     else:
-        prev = f"model.layers.{i - 1}."
-        paths = [prev + p for p in FFN_OUTPUTS] + ([prev + "self_attn.o_proj"] if args.parallel_block else [])
-    if f"model.layers.{i}.self_attn.o_proj.weight" not in flat and norm == "post_attention_layernorm":
+        prev = names.block_key(i - 1)
+        paths = [prev + p for p in FFN_OUTPUTS] + ([prev + names.ATTN_OUT] if args.parallel_block else [])
+    if names.block_key(i, names.ATTN_OUT + ".weight") not in flat and norm == FFN_NORM:
         raise ValueError(f"layer {i}: the FFN norm's input has no P to centre")
     return [(f"{p}.{kind}", -2 if kind == "weight" else -1) for p in paths
             for kind in ("weight", "bias") if f"{p}.{kind}" in flat]
@@ -97,9 +93,9 @@ def fold_norms(model: Model, args: ModelArgs):
     flat = {k: np.array(v, np.float64) for k, v in tree_flatten(model.parameters())}
     needs_bias = {"attention": False, "mlp": False}
     for i, block in enumerate(model.layers):
-        pre = f"model.layers.{i}."
+        pre = names.block_key(i)
         params = {k.removeprefix(pre): v for k, v in flat.items() if k.startswith(pre)}
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        for name in names.BLOCK_NORMS:
             if name not in block:
                 continue
             norm = block[name]
@@ -118,7 +114,7 @@ def fold_norms(model: Model, args: ModelArgs):
                 flat[f"{pre}{path}.weight"] = W
                 if c is not None:
                     flat[f"{pre}{path}.bias"] = c
-                    needs_bias["attention" if path.startswith("self_attn") else "mlp"] = True
+                    needs_bias["attention" if names.is_attention(path) else "mlp"] = True
     new_args = replace(args, block_norm=None, tie_word_embeddings=args.tie_word_embeddings and HEAD not in flat,
                        attention_bias=args.attention_bias or needs_bias["attention"],
                        mlp_bias=args.mlp_bias or needs_bias["mlp"])

@@ -9,6 +9,7 @@ from typing import Dict
 
 import numpy as np
 
+from . import names
 from .counting import shapes
 from .models.skipless import ModelArgs
 
@@ -22,7 +23,8 @@ def random_flat(args: ModelArgs, seed: int = 0, noise: float = 0.3) -> Dict[str,
 def random_block(args: ModelArgs, rng: np.random.Generator, noise: float = 0.3, dtype=np.float64):
     """One block's weights, named relative to the block: for benchmarks that
     write or build a large model a block at a time."""
-    block = {k.split(".", 3)[3]: s for k, s in shapes(args).items() if k.startswith("model.layers.0.")}
+    first = names.block_key(0)
+    block = {k.removeprefix(first): s for k, s in shapes(args).items() if k.startswith(first)}
     return {name: random_tensor(name, shape, rng, noise, dtype) for name, shape in block.items()}
 
 
@@ -31,12 +33,12 @@ def random_tensor(name: str, shape, rng: np.random.Generator, noise: float = 0.3
     normal = lambda: rng.standard_normal(shape, dtype=dtype)  # noqa: E731
     if name.endswith(".bias"):
         return 0.1 * normal()
-    if "norm" in leaf:
+    if names.is_norm(name):
         return 1 + 0.1 * normal()
-    if leaf in ("embed_tokens", "embed_positions"):
-        return normal() * (1.0 if leaf == "embed_tokens" else 0.5)
+    if leaf in (names.EMBED_TOKENS, names.EMBED_POSITIONS):
+        return normal() * (1.0 if leaf == names.EMBED_TOKENS else 0.5)
     fan_in = shape[-1]
-    gain = {"down_proj": 2**0.5, "fc2": 2**0.5, "gate": 2.0}.get(leaf, 1.0)
+    gain = {names.DOWN: 2**0.5, names.FC2: 2**0.5, names.ROUTER: 2.0}.get(leaf, 1.0)
     w = gain * normal() / np.sqrt(fan_in)
     if len(shape) == 2 and shape[0] == shape[1] and leaf.endswith("_proj"):
         w = np.eye(shape[0], dtype=dtype) + noise * w

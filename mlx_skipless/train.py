@@ -62,7 +62,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import cli, data, families, modeldir
+from . import cli, data, families, modeldir, names
 from .loss import cross_entropy, evaluate
 from .checkpoint import CheckpointError, OutputDir
 from .models.skipless import Model, ModelArgs
@@ -92,15 +92,15 @@ def initialize(model: Model, seed: int, q_scale: float = 1.0):
     params = []
     for name, p in tree_flatten(model.parameters()):
         shape = p.shape
-        if "norm" in name or name.rsplit(".", 1)[-1] in ("alpha", "beta", "gamma"):
+        if names.is_norm(name) or names.leaf(name) in names.SHAPED:
             w = np.ones(shape)
         elif name.endswith(".bias"):
             w = np.zeros(shape)
-        elif "embed" in name:
+        elif name in (names.EMBED, names.POSITIONS):
             w = rng.standard_normal(shape)
         elif len(shape) == 2 and shape[0] == shape[1]:
             w, _ = np.linalg.qr(rng.standard_normal(shape))
-            w = w * (q_scale if name.endswith("q_proj.weight") else 1.0)
+            w = w * (q_scale if name.endswith(names.Q + ".weight") else 1.0)
         else:
             w = rng.standard_normal(shape) / np.sqrt(shape[-1])
         params.append((name, mx.array(w.astype(np.float32))))
@@ -110,7 +110,7 @@ def initialize(model: Model, seed: int, q_scale: float = 1.0):
 def inverted_candidates(model: Model):
     """The square attention matrices a conversion may invert."""
     for layer in model.layers:
-        for name in ("q_proj", "k_proj", "v_proj"):
+        for name in map(names.projection, "qkv"):
             if name in layer.self_attn:
                 w = layer.self_attn[name].weight
                 if w.shape[0] == w.shape[1]:
@@ -137,7 +137,7 @@ def hidden_lr_scale(args: ModelArgs) -> float:
 
 
 def is_hidden(path: str, w: mx.array) -> bool:
-    return path.startswith("model.layers.") and w.ndim >= 2
+    return path.startswith(names.BLOCKS) and w.ndim >= 2
 
 
 def make_optimizer(lr: float, scale: float, steps: int, warmup: int, weight_decay: float):

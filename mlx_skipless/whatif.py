@@ -22,13 +22,12 @@ from typing import Dict, Tuple
 import mlx.core as mx
 import numpy as np
 
-from . import cli, modeldir
+from . import cli, modeldir, names
 from .checkpoint import OutputDir
 from .models.skipless import Block, ModelArgs
 
-GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+GGUF_NAMES = {"attn_q": names.Q, "attn_k": names.K, "attn_v": names.V, "attn_output": names.O,
+              "ffn_gate": names.ffn(names.GATE), "ffn_up": names.ffn(names.UP), "ffn_down": names.ffn(names.DOWN)}
 # the RMSNorm whose gain each matrix reads (P and the FFN output read no norm)
 NORM_READ_BY = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
                 "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm"}
@@ -78,7 +77,7 @@ def from_llama_gguf(path: str, layers: int) -> Tuple[ModelArgs, Dict[str, np.nda
                      vocab_size=embed.shape[0], rope_theta=_scalar(meta, "llama.rope.freq_base"),
                      mlp_type="glu", hidden_act="silu", tie_word_embeddings=False)
     head = tensors.get("output.weight", embed)
-    flat = {"model.embed_tokens.weight": embed, "lm_head.weight": head * tensors["output_norm.weight"]}
+    flat = {names.EMBED: embed, names.HEAD: head * tensors["output_norm.weight"]}
     for i in range(layers):
         for short, name in GGUF_NAMES.items():
             w = tensors[f"blk.{i}.{short}.weight"]
@@ -86,7 +85,7 @@ def from_llama_gguf(path: str, layers: int) -> Tuple[ModelArgs, Dict[str, np.nda
                 w = _unpermute(w, heads if short == "attn_q" else kv)
             if short in NORM_READ_BY:
                 w = w * tensors[f"blk.{i}.{NORM_READ_BY[short]}.weight"]
-            flat[f"model.layers.{i}.{name}.weight"] = w
+            flat[names.block_key(i, f"{name}.weight")] = w
     return args, flat
 
 
@@ -95,22 +94,22 @@ def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, 
     each normalization the model had sees RMS 1 on random tokens; the scalars."""
     tokens = np.random.default_rng(PROBE_SEED).integers(0, args.vocab_size, (batch, length))
     rms = lambda x: float(mx.sqrt(mx.mean(x.astype(mx.float32) ** 2)))  # noqa: E731
-    embed = flat["model.embed_tokens.weight"]
+    embed = flat[names.EMBED]
     scales = [1 / float(np.sqrt(np.mean(embed[tokens] ** 2)))]
-    flat["model.embed_tokens.weight"] = embed * scales[0]
-    h = mx.array(flat["model.embed_tokens.weight"][tokens].astype(np.float32))
+    flat[names.EMBED] = embed * scales[0]
+    h = mx.array(flat[names.EMBED][tokens].astype(np.float32))
     args = ModelArgs(**{**asdict(args), "removed": [""] * args.num_hidden_layers})
     for i in range(args.num_hidden_layers):
-        prefix = f"model.layers.{i}."
+        prefix = names.block_key(i)
         block = Block(args, "")
         block.load_weights([(k.removeprefix(prefix), mx.array(v.astype(np.float32)))
                             for k, v in flat.items() if k.startswith(prefix)])
         a = block.self_attn(h, "causal")
         scales.append(1 / rms(a))
-        flat[prefix + "self_attn.o_proj.weight"] *= scales[-1]
+        flat[prefix + names.O + ".weight"] *= scales[-1]
         out = block.mlp(a * scales[-1])
         scales.append(1 / rms(out))
-        flat[prefix + "mlp.down_proj.weight"] *= scales[-1]
+        flat[prefix + names.ffn(names.DOWN) + ".weight"] *= scales[-1]
         h = out * scales[-1]
         mx.eval(h)
     return scales

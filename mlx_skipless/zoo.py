@@ -100,10 +100,9 @@ def converter_removes(entry: dict, base: ModelArgs):
         from collections import Counter
 
         from . import planner
-        from .convert import condition_numbers
         from .loading import SkiplessCheckpoint
 
-        conds = condition_numbers(SkiplessCheckpoint(str(PACKAGE / entry["checkpoint"])))
+        conds = planner.condition_numbers(SkiplessCheckpoint(str(PACKAGE / entry["checkpoint"])))
         forms = planner.ladder(conds, "p" if and_p else "")[0]
         counts = Counter(f.replace("p", "").upper() or "nothing" for f in forms)
         what = ", ".join(f"{m} ({n} layers)" for m, n in counts.items()) if len(counts) > 1 else next(iter(counts))
@@ -145,7 +144,7 @@ def show(name: str) -> str:
 def converted(report: dict) -> str:
     """A converted model's card without front matter and usage: weights
     removed, verification and the conversion plan."""
-    from .convert import card_body
+    from .card import card_body
 
     return "\n".join(card_body(report)).strip()
 

@@ -301,7 +301,7 @@ def card(state, reports, commands, sample, sampled) -> str:
     last = trained["history"][-1]
     conds = [e["cond"] for e in reports["float32"]["layers"] if "cond" in e]
     w = reports["float32"]["weights"]
-    from mlx_skipless.convert import verification_rows
+    from mlx_skipless.report import verification_rows
 
     rows = {}  # by label: the float32 row comes from the float32 conversion
     for r in reports.values():

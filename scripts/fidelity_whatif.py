@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_skipless import fidelity, whatif
+from mlx_skipless import fidelity, names, whatif
 from mlx_skipless.convert import DEFAULT_SOURCE
 from mlx_skipless.fusion import condition_number, square_projections
 from mlx_skipless.loading import SkiplessCheckpoint
@@ -78,11 +78,11 @@ def freedoms(source: str) -> list:
     for i in range(a.num_hidden_layers):
         layer = ckpt.layer(i)
         if "q" in square:
-            Q = layer["self_attn.q_proj.weight"]
+            Q = layer[names.Q + ".weight"]
             rows.append((i, "Q", condition_number(Q),
                          plane_scaled_cond(Q, a.num_attention_heads, a.num_key_value_heads, a.head_dim)))
         if "v" in square:
-            V = layer["self_attn.v_proj.weight"]
+            V = layer[names.V + ".weight"]
             rows.append((i, "V", condition_number(V), head_whitened_cond(V, a.head_dim)))
     return rows
 

@@ -17,6 +17,7 @@ from mlx_skipless.checkpoint import CheckpointError, TensorSource
 from mlx_skipless.convert import DegradedError, convert
 from mlx_skipless.fusion import FusionError
 from mlx_skipless.loading import load, load_model
+from mlx_skipless.streaming import Passes
 
 FAMILIES = ["llama", "mistral", "mixtral", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_bare", "skipless",
             "skipless_shaped"]
@@ -286,14 +287,13 @@ def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, q
     # --remove auto measures other rungs from what the top rung wrote, refusing nothing:
     # the figures must be those of fusing each rung from scratch.
     from mlx_skipless import planner, verify
-    from mlx_skipless.checkpoint import ShardWriter
     from mlx_skipless.loading import SkiplessCheckpoint
 
     args, flat = hf.case(family, num_hidden_layers=4, tie_word_embeddings=False)
     src = hf.write(tmp_path / "src", family, args, flat, dtype=mx.bfloat16)
     ckpt = SkiplessCheckpoint(str(src))
     quant = {"group_size": 32, "bits": 4, "mode": "affine"} if quantize else None
-    passes = convert_module._Passes(ckpt, mx.bfloat16, quant, "bfloat16", verify.probe_tokens(args.vocab_size),
+    passes = Passes(ckpt, mx.bfloat16, quant, "bfloat16", verify.probe_tokens(args.vocab_size),
                                     False, np.float32)
     merge_p = "p" if not args.parallel_block else ""
     (tmp_path / "stage").mkdir()
