@@ -9,7 +9,10 @@ bounds the time from below: mlx_lm convert of a stock llama of the same shape
 (reading, casting, writing), and the GEMM floor, the products that fusion must
 form (P into gate and up, the next block's Q into down: 3·2·d²·f FLOPs a block)
 at this machine's numpy float32 GEMM rate. The per-layer slope, from the two
-depths, is what the floor bounds.
+depths, is what the floor bounds. Each is given in wall and in CPU seconds: where
+other work shares the CPU, wall time follows the load, and the CPU-time ratio is the
+one to compare between runs (OPENBLAS_NUM_THREADS=1 keeps idle BLAS threads from
+spinning on a busy machine).
 
     python scripts/bench_convert.py --preset mistral-7b     # 1 and 2 layers; ~10 min on 2 cores
     python scripts/bench_convert.py                         # TinyLlama blocks: 2, 8, 20 layers
