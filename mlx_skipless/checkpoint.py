@@ -222,12 +222,12 @@ class TensorSource:
             raw = np.fromfile(fh, STORED[t.dtype], count)
         if raw.size != count:
             raise CheckpointError(f"{t.file} is truncated: {key} is cut short")
-        if t.dtype == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        if t.dtype == "BF16":  # bfloat16 is float32's upper half: one shift into one new array
+            raw = np.left_shift(raw, 16, out=np.empty(count, np.uint32), dtype=np.uint32).view(np.float32)
         a = raw.astype(dtype, copy=False).reshape(t.shape)
-        # A sum in float64 is finite exactly when every entry is (for F64, unless it overflows),
-        # and needs no array of flags the size of the embedding.
-        if not np.isfinite(a.sum(dtype=np.float64)):
+        # A sum is finite when every entry is, and needs no array of flags the size of the
+        # embedding; one that overflows is told apart by the count below.
+        if not np.isfinite(a.sum()):
             bad = int(a.size - np.isfinite(a).sum())
             if bad:
                 raise CheckpointError(f"{key} in {t.file} holds NaN or infinite values ({bad} of "

@@ -51,9 +51,9 @@ class Affine(NamedTuple):
         return cls(W, b)
 
     def then(self, other: "Affine", dtype=np.float64) -> "Affine":
-        """x -> other(self(x)), the product taken in `dtype`."""
-        W = np.asarray(self.W, dtype) @ np.asarray(other.W, dtype)
-        return Affine(W, _rowvec_times(self.b, other.W) + other.b)
+        """x -> other(self(x)), the products (the bias's too) taken in `dtype`."""
+        M = np.asarray(other.W, dtype)
+        return Affine(np.asarray(self.W, dtype) @ M, _rowvec_times(self.b, M) + other.b)
 
     def after_inverse_of(self, basis: "Basis") -> "Affine":
         """x̃ -> self(basis⁻¹(x̃)): self, for an input that arrives as x·B + c.
@@ -78,7 +78,11 @@ class Basis(NamedTuple):
 
 
 def _rowvec_times(b: np.ndarray, W: np.ndarray) -> np.ndarray:
-    return (b[..., None, :] @ np.asarray(W, np.float64))[..., 0, :]
+    """b·W in float64, taken in W's dtype: a float64 copy of an FFN matrix for a bias
+    (usually zero) would cost more than the product it serves."""
+    if not np.any(b):
+        return np.zeros(np.broadcast_shapes(b.shape[:-1], W.shape[:-2]) + W.shape[-1:])
+    return (b.astype(W.dtype)[..., None, :] @ W)[..., 0, :].astype(np.float64)
 
 
 @dataclass
@@ -220,6 +224,16 @@ def condition_number(W: np.ndarray, inverse: Optional[np.ndarray] = None) -> flo
     return float(spectral_norm(W) * spectral_norm(inverse))
 
 
+def inverse_and_condition(W: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(W⁻¹ in float64, cond(W)) from one factorization: the condition number the
+    converter reports (infinite inverse and condition where W is exactly singular)."""
+    try:
+        inverse = np.linalg.inv(np.asarray(W, np.float64))
+    except np.linalg.LinAlgError:
+        inverse = np.full(W.shape, np.inf)
+    return inverse, condition_number(W, inverse)
+
+
 def spectral_norm(A: np.ndarray, iters: int = 10, block: int = 16, seed: int = 0) -> float:
     """‖A‖₂ by block power iteration on AᵀA in float32, enough for a condition number's
     leading digits (a lower bound that converges fast when the top singular value
@@ -227,8 +241,20 @@ def spectral_norm(A: np.ndarray, iters: int = 10, block: int = 16, seed: int = 0
     A = np.asarray(A, np.float32)
     X = np.random.default_rng(seed).standard_normal((A.shape[1], block), dtype=np.float32)
     for _ in range(iters):
-        X, _ = np.linalg.qr(A.T @ (A @ X))
+        X = _orthonormal(A.T @ (A @ X))
     return float(np.linalg.svd(A @ X, compute_uv=False)[0])
+
+
+def _orthonormal(Y: np.ndarray) -> np.ndarray:
+    """Orthonormal columns spanning Y's, by Cholesky QR in float64: two small products.
+    Householder QR of a tall, thin block is a chain of tiny BLAS calls whose threads,
+    on a shared CPU, wait on each other for a hundred times the arithmetic."""
+    Y64 = Y.astype(np.float64)
+    try:
+        L = np.linalg.cholesky(Y64.T @ Y64)
+    except np.linalg.LinAlgError:  # columns (numerically) dependent
+        return np.linalg.qr(Y)[0]
+    return np.linalg.solve(L, Y64.T).T.astype(Y.dtype)
 
 
 def square_projections(args: "ModelArgs") -> List[str]:
@@ -248,11 +274,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
         return None
     key = attention(name)
     B = layer[key]
-    try:
-        inverse = np.linalg.inv(np.asarray(B.W, np.float64))
-    except np.linalg.LinAlgError:
-        inverse = np.full(B.W.shape, np.inf)
-    cond = condition_number(B.W, inverse)
+    inverse, cond = inverse_and_condition(B.W)
     if check and cond > SINGULAR_COND:
         raise FusionError(
             f"layer {index}: {key} is singular (condition number {cond:.3g}); "

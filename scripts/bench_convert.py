@@ -9,7 +9,10 @@ bounds the time from below: mlx_lm convert of a stock llama of the same shape
 (reading, casting, writing), and the GEMM floor, the products that fusion must
 form (P into gate and up, the next block's Q into down: 3·2·d²·f FLOPs a block)
 at this machine's numpy float32 GEMM rate. The per-layer slope, from the two
-depths, is what the floor bounds.
+depths, is what the floor bounds. Each is given in wall and in CPU seconds: where
+other work shares the CPU, wall time follows the load, and the CPU-time ratio is the
+one to compare between runs (OPENBLAS_NUM_THREADS=1 keeps idle BLAS threads from
+spinning on a busy machine).
 
     python scripts/bench_convert.py --preset mistral-7b     # 1 and 2 layers; ~10 min on 2 cores
     python scripts/bench_convert.py                         # TinyLlama blocks: 2, 8, 20 layers
@@ -34,6 +37,9 @@ from mlx_skipless import counting  # noqa: E402
 
 DEFAULT_LAYERS = {"mistral-7b": [1, 2]}
 PEAK = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)"
+# CPU seconds of every thread: on a CPU shared with other work, wall time says how busy the
+# machine was; CPU time says what the conversion cost, and its ratio to the floor's keeps.
+CPU = "sum(resource.getrusage(resource.RUSAGE_SELF)[:2])"
 CHILD = f"""
 import json, resource, sys, time
 t = time.perf_counter()
@@ -41,7 +47,7 @@ from mlx_skipless.convert import convert
 # The cost is measured whatever the verdict: random deep stacks may trip the degradation check.
 report = convert(sys.argv[1], sys.argv[2], remove=sys.argv[4], verify_output=sys.argv[3] == "1", progress=False,
                  allow_degraded=True, log=lambda *a: None)
-print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_bytes": {PEAK},
+print(json.dumps({{"wall_s": time.perf_counter() - t, "cpu_s": {CPU}, "peak_rss_bytes": {PEAK},
                   "trials": len(report.get("plan", {{}}).get("trials", [])),
                   "verification": report.get("verification", {{}}).get("stored")}}))
 """
@@ -50,7 +56,7 @@ import json, resource, sys, time
 t = time.perf_counter()
 from mlx_lm import convert
 convert(sys.argv[1], sys.argv[2], dtype="bfloat16")
-print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_bytes": {PEAK}}}))
+print(json.dumps({{"wall_s": time.perf_counter() - t, "cpu_s": {CPU}, "peak_rss_bytes": {PEAK}}}))
 """
 BASELINE = f"""
 import json, resource, sys
@@ -66,16 +72,17 @@ def child(code: str, *argv) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def gemm_rate(d: int, f: int, repeats: int = 2) -> float:
-    """numpy's float32 GEMM rate (FLOP/s) on the (d x d) @ (d x f) product fusion forms; best of `repeats`."""
+def gemm_rate(d: int, f: int, repeats: int = 2) -> tuple:
+    """numpy's float32 GEMM rate on the (d x d) @ (d x f) product fusion forms, best of
+    `repeats`: (FLOP per wall second, FLOP per CPU second of all its threads)."""
     rng = np.random.default_rng(0)
     A, B = rng.standard_normal((d, d), dtype=np.float32), rng.standard_normal((d, f), dtype=np.float32)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         A @ B
-        best = min(best, time.perf_counter() - t)
-    return 2 * d * d * f / best
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return 2 * d * d * f / wall, 2 * d * d * f / cpu
 
 
 def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, work: Path, drawn: dict) -> dict:
@@ -122,20 +129,23 @@ def main():
                 lm = (f"; mlx_lm convert {r['mlx_lm']['wall_s']:.1f} s, {r['mlx_lm']['peak_rss_bytes'] / gb:.2f} GB"
                       if "mlx_lm" in r else "")
                 print(f"{r['parameters'] / 1e9:5.2f}B params ({n:3d} layers, {r['model_bytes_float32'] / gb:5.2f} GB "
-                      f"in float32): {r['wall_s']:7.1f} s, peak RSS {r['peak_rss_bytes'] / gb:5.2f} GB "
+                      f"in float32): {r['wall_s']:7.1f} s ({r['cpu_s']:.1f} CPU s), peak RSS {r['peak_rss_bytes'] / gb:5.2f} GB "
                       f"= imports {baseline['peak_rss_bytes'] / gb:.2f} + "
                       f"{(r['peak_rss_bytes'] - baseline['peak_rss_bytes']) / gb:.2f} GB; one block "
                       f"{4 * r['block_parameters'] / gb:.2f} GB, embeddings {4 * r['embedding_parameters'] / gb:.2f} GB "
                       f"(float32){lm}", flush=True)
     rates.append(gemm_rate(d, f))  # before and after: the machine may be shared
-    rate = float(np.mean(rates))
-    floor = 3 * 2 * d * d * f / rate
+    rate, cpu_rate = (float(np.mean(r)) for r in zip(*rates))
+    floor, cpu_floor = 3 * 2 * d * d * f / rate, 3 * 2 * d * d * f / cpu_rate
     summary = {"preset": opts.preset, "remove": opts.remove, "verify": opts.verify,
-               "gemm_float32_flops": rates, "floor_s_per_layer": floor}
+               "gemm_float32_flops": [r[0] for r in rates], "gemm_float32_flops_per_cpu_s": [r[1] for r in rates],
+               "floor_s_per_layer": floor, "floor_cpu_s_per_layer": cpu_floor}
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         summary["slope_s_per_layer"] = (hi["wall_s"] - lo["wall_s"]) / (hi["layers"] - lo["layers"])
         summary["slope_over_floor"] = summary["slope_s_per_layer"] / floor
+        summary["slope_cpu_s_per_layer"] = (hi["cpu_s"] - lo["cpu_s"]) / (hi["layers"] - lo["layers"])
+        summary["cpu_slope_over_floor"] = summary["slope_cpu_s_per_layer"] / cpu_floor
         if "mlx_lm" in lo:
             summary["mlx_lm_slope_s_per_layer"] = ((hi["mlx_lm"]["wall_s"] - lo["mlx_lm"]["wall_s"])
                                                    / (hi["layers"] - lo["layers"]))
@@ -143,9 +153,11 @@ def main():
         print(json.dumps({"baseline_rss_bytes": baseline["peak_rss_bytes"], **summary, "runs": rows}, indent=2))
         return
     print(f"GEMM floor: 3·2·d²·f = {6 * d * d * f / 1e12:.2f} TFLOP a layer at numpy float32 "
-          f"{rate / 1e9:.1f} GFLOP/s (measured {', '.join(f'{r / 1e9:.1f}' for r in rates)}) = {floor:.1f} s a layer")
+          f"{rate / 1e9:.1f} GFLOP/s (measured {', '.join(f'{r[0] / 1e9:.1f}' for r in rates)}) = {floor:.1f} s "
+          f"a layer; {cpu_rate / 1e9:.1f} GFLOP per CPU second = {cpu_floor:.1f} CPU s a layer")
     if "slope_s_per_layer" in summary:
         print(f"per-layer slope: {summary['slope_s_per_layer']:.1f} s = {summary['slope_over_floor']:.2f}x the floor"
+              f" ({summary['slope_cpu_s_per_layer']:.1f} CPU s = {summary['cpu_slope_over_floor']:.2f}x in CPU time)"
               + (f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s"
                  if "mlx_lm_slope_s_per_layer" in summary else ""))
 

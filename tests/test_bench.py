@@ -50,4 +50,6 @@ def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
     out = json.loads(run.stdout)
     assert [r["layers"] for r in out["runs"]] == [1, 2] and all(r["trials"] == 1 for r in out["runs"])
     assert out["floor_s_per_layer"] > 0 and out["slope_s_per_layer"] == out["runs"][1]["wall_s"] - out["runs"][0]["wall_s"]
+    # CPU time too: on a shared machine it is what stays comparable
+    assert out["floor_cpu_s_per_layer"] > 0 and out["slope_cpu_s_per_layer"] == out["runs"][1]["cpu_s"] - out["runs"][0]["cpu_s"]
     assert not list(tmp_path.iterdir())  # the checkpoints are removed

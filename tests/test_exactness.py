@@ -160,12 +160,15 @@ def test_condition_number_estimate_from_the_inverse_matches_the_svd(monkeypatch,
     W = np.eye(128) + noise * rng.standard_normal((128, 128)) / np.sqrt(128)
     estimate = fusion.condition_number(W, np.linalg.inv(W))
     assert estimate == pytest.approx(np.linalg.cond(W), rel=0.03)
+    assert fusion.inverse_and_condition(W)[1] == estimate  # the figure fidelity reports is the converter's
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float32_products_stay_near_the_float64_fusion(dtype):
-    # Products that invert nothing may run in float32 for outputs coarser than float32.
-    args = tiny_args(num_hidden_layers=3)
+def test_float32_products_stay_near_the_float64_fusion(dtype, bias):
+    # Products that invert nothing may run in float32 for outputs coarser than float32,
+    # the biases' included (b_P·M and the next block's c).
+    args = tiny_args(num_hidden_layers=3, attention_bias=bias, mlp_bias=bias)
     flat = synthetic.random_flat(args)
     w = layout.weights_from_flat(flat, args)
     exact, _, _ = fusion.fuse(w, args, ["qp"] * 3)
