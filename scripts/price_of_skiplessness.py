@@ -19,18 +19,15 @@ close the table.
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import measure, weight_bytes  # noqa: E402
+from bench_decode import describe_machine, measure, weight_bytes  # noqa: E402
 
 from mlx_skipless import data, evaluate  # noqa: E402
 
@@ -86,8 +83,7 @@ def run(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> d
     for row in rows:
         t = 1 / np.array(timing["step_times"][row["label"]])
         row["decode_tokens_per_s"] = {"median": float(np.median(t)), "min": float(t.min()), "max": float(t.max())}
-    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()})"
-    return {"machine": machine, "files": len(files), "bytes": n_bytes, "rows": rows, "compressors": compressors,
+    return {"machine": describe_machine(), "files": len(files), "bytes": n_bytes, "rows": rows, "compressors": compressors,
             "decode": {"prompt": prompt, "steps": steps, "warmup": warmup}}
 
 

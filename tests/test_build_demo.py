@@ -3,11 +3,16 @@ binds the data name `corpus` to the corpus directory, and continues where a run 
 
 import json
 import os
+import tomllib
+from dataclasses import replace
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
-from harness import load_script
-from mlx_skipless import modeldir
+from harness import load_script, tiny_args
+from mlx_skipless import counting, modeldir, zoo
+from mlx_skipless.models.skipless import Model
 
 
 
@@ -48,3 +53,55 @@ def test_resumes_training_and_redoes_only_stale_steps(build_demo, tmp_path):
     assert not build_demo.stale(later, run)
     os.utime(run / "model.safetensors")  # training went on
     assert build_demo.stale(later, run)
+
+
+def _save(path, args, record=None):
+    model = Model(args)
+    mx.eval(model.parameters())
+    path.mkdir(parents=True)
+    modeldir.save(path, model, args, "normfree" if record else "train", record=record)
+
+
+@pytest.fixture
+def build(tmp_path):
+    """A build's two checkpoints (as trained, and norm-free), a copy of the zoo entry, and a
+    packaged demo that holds a file of an older layout."""
+    work = tmp_path / "work"
+    trained = tiny_args(block_norm="rmsnorm", final_norm="rmsnorm", shaped_attention=True, vocab_size=300,
+                        max_position_embeddings=32)
+    _save(work / "with-norms", trained)
+    _save(work / "norm-free", replace(trained, block_norm=None), {"source": str(work / "with-norms")})
+    entry = tmp_path / "skipless-python.toml"
+    entry.write_text((zoo.ZOO / "skipless-python.toml").read_text())
+    demo = tmp_path / "demo" / "skipless-python"
+    demo.mkdir(parents=True)
+    (demo / "trainer.json").write_text("{}")
+    return work, entry, demo, trained
+
+
+def test_ship_installs_the_build_and_the_zoo_entry_follows_it(build_demo, build):
+    work, entry, demo, trained = build
+    before = tomllib.loads(entry.read_text())
+    build_demo.ship_build(work, "# card\n", demo=demo, zoo_entry=entry)
+    assert sorted(p.name for p in demo.iterdir()) == sorted(
+        [p.name for p in (work / "norm-free").iterdir()] + ["README.md"])  # the old layout's file is gone
+    assert (demo / "README.md").read_text() == "# card\n" and str(work) not in (demo / "config.json").read_text()
+    assert not demo.with_name("skipless-python.partial").exists()
+    after = tomllib.loads(entry.read_text())
+    assert {k: v for k, v in after.items() if k not in ("model", "parameters")} == {
+        k: v for k, v in before.items() if k not in ("model", "parameters")}
+    model = after["model"]
+    assert model["hidden_size"] == 32 and model["vocab_size"] == 300 and model["block_norm"] == "rmsnorm"
+    assert "head_dim" not in model and "removed" not in model  # what ModelArgs derives stays derived
+    assert after["parameters"] == counting.count(zoo.args_of(after))["total"] == sum(
+        v.size for _, v in tree_flatten(Model(trained).parameters()))
+    assert "shaped_attention = true  # " in entry.read_text()  # comments kept
+
+
+def test_ship_refuses_a_model_over_the_limit(build_demo, build, monkeypatch):
+    work, entry, demo, _ = build
+    text = entry.read_text()
+    monkeypatch.setattr(build_demo, "SHIP_LIMIT", 100_000)
+    with pytest.raises(ValueError, match="at most 0 MB"):
+        build_demo.ship_build(work, "# card\n", demo=demo, zoo_entry=entry)
+    assert [p.name for p in demo.iterdir()] == ["trainer.json"] and entry.read_text() == text

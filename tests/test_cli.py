@@ -13,6 +13,7 @@ import mlx_lm
 import pytest
 
 import hf_checkpoints as hf
+from test_zoo import check_tiny_run
 import mlx_skipless
 from mlx_skipless import chat, cli, convert as convert_cli, generate as generate_cli, zoo
 from mlx_skipless.convert import convert
@@ -230,6 +231,7 @@ def test_zoo_run_twice_needs_force_or_resume_and_json_is_clean(tmp_path, capsys)
     captured = capsys.readouterr()
     assert set(json.loads(captured.out)) == {"train", "normfree", "convert", "quantize"}
     assert "[zoo]" in captured.err
+    check_tiny_run(json.loads(captured.out), captured.err)  # the recipe's own end-to-end check (test_zoo)
     assert zoo.main(argv) == 1
     line = one_error_line(capsys, "--resume")
     assert "--force" in line

@@ -44,7 +44,7 @@ def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     assert rel_err(logits(loaded, t), logits(model, t)) < 1e-6
 
 
-@pytest.mark.parametrize("layers", [2, 8])  # 8: block matrices at half the rate (two optimizers)
+@pytest.mark.parametrize("layers", [2, 5])  # 5: block matrices at 4/5 of the rate (two optimizers)
 def test_resume_continues_from_the_same_step(setup, tmp_path, layers):
     tok, corpus = setup
     straight, args = fresh(tok, num_hidden_layers=layers)
@@ -138,11 +138,11 @@ def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
     last_cos = lambda m: diagnostics.signal_propagation(m, x)[-1]["cos"]
     cos = {}
     for label, scale in (("scaled", None), ("flat", 1.0)):  # default: 4/16
-        model, args = fresh(tok, hidden_size=64, num_hidden_layers=16, intermediate_size=192,
+        model, args = fresh(tok, hidden_size=32, num_hidden_layers=16, intermediate_size=96,
                             shaped_attention=True)
         train.initialize(model, seed=0, q_scale=0.1)
         assert last_cos(model) < 0.1  # orthogonal init: no collapse to begin with
         train.train(model, args, tok, corpus, tmp_path / label, steps=10, block_lr_scale=scale,
                     **{**RUN, "lr": 1e-3, "eval_every": 10**6, "save_every": 10**6})
         cos[label] = last_cos(model)
-    assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.10 and 0.87
+    assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.14 and 0.82 (d 64: 0.10 and 0.87)
