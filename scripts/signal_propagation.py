@@ -25,7 +25,6 @@ from mlx_skipless.models.skipless import Model, ModelArgs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from skipless_vs_standard import config  # noqa: E402  the shapes the comparison trains
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "mlx_skipless" / "demo" / "skipless-python"
 
 
 def main():
@@ -42,7 +41,9 @@ def main():
     p.add_argument("--orthogonality", type=float, default=1.0)
     p.add_argument("--json", help="write the per-layer rows of every evaluation here")
     o = p.parse_args()
-    tok = data.load_tokenizer(TOKENIZER)
+    # the trainer's default tokenizer for the data (1,024-token BPE, deterministic and cached),
+    # so these figures and scripts/skipless_vs_standard.py's see the same tokens
+    tok = data.cached_tokenizer(data.find_files(o.data), 1024)
     fields = train.read_model_config(o.config) if o.config else config(o.size, "skipless")
     fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=128)
     args = ModelArgs(**fields)
