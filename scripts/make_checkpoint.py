@@ -6,6 +6,7 @@ block at a time whatever the depth. For conversion benchmarks at real sizes:
 
     python scripts/make_checkpoint.py big/mistral-7b --preset mistral-7b --distinct 4
     python scripts/make_checkpoint.py /tmp/one --preset mistral-7b --layers 1 --standard
+    python scripts/make_checkpoint.py big/src --preset over-ram --distinct 1    # 28 GB: see bench_over_ram.py
 """
 
 import argparse
