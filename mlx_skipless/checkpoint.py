@@ -305,12 +305,16 @@ class ShardWriter:
     def close(self, total_parameters: int):
         self.spool.close()
         shards, weight_map = self._shards(), {}
-        with open(self.spool_path, "rb") as spool:
-            for i, entries in enumerate(shards):
+        # Last shard first, cutting the spool behind each: the disk holds the model once plus
+        # one shard, not twice (for a model near the free space, the difference is the run).
+        with open(self.spool_path, "r+b") as spool:
+            for i in reversed(range(len(shards))):
+                entries = shards[i]
                 name = ("model.safetensors" if len(shards) == 1
                         else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
                 self._write_shard(self.directory / name, entries, spool)
                 weight_map.update({e[0]: name for e in entries})
+                spool.truncate(entries[0][3])
         self.spool_path.unlink()
         index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
                  "weight_map": dict(sorted(weight_map.items()))}
