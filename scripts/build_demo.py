@@ -1,38 +1,27 @@
-"""Build the packaged demo model, mlx_skipless/demo/skipless-python, and its card.
+"""Build the packaged model, mlx_skipless/demo/skipless-python, and its card.
 
-Every step is a command of this package, run as a subprocess and named in the
-card beside the figures it produced:
+It builds a size of the zoo recipe zoo/recipes/skipless-python.toml (the recipe's
+settings, the size's over them; default: flagship) in WORK/SIZE, on the Python corpus of
+`python -m mlx_skipless.corpus` (built first if missing). Every step is a command of this
+package, run as a subprocess and named in the card beside the figures it produced: train
+a skipless model with pre-norms, remove the norms (normfree), convert in bfloat16 and
+quantize, score every stage on the corpus's held-out packages in bits per byte beside
+gzip, bz2 and xz and time its decoding (scripts/price_of_skiplessness.py), sample three
+prompts fixed in advance, and write the card to WORK/SIZE/README.md. `--baseline` also
+trains the same model with residuals and pre-norms, for the price of skiplessness;
+`--ship` makes the result the packaged model (at most 25 MB) and its card.
 
-  1. train a skipless model with pre-norms on the Python standard library;
-  2. remove the norms (normfree);
-  3. ship the norm-free checkpoint inside the package;
-  4. convert it (float32 and bfloat16) and record the verification;
-  5. generate a sample from the converted model.
+    python scripts/build_demo.py --baseline --ship                 # the packaged model
+    python scripts/build_demo.py --size corpus-tiny --baseline     # the build's smoke test
 
-    python scripts/build_demo.py                 # ~40 min on 2 CPU cores
-    python scripts/build_demo.py --reuse-training
-    python scripts/build_demo.py --card-only     # the card again, from the shipped model
-
-With `--size NAME` it builds a size of the zoo recipe zoo/recipes/skipless-python.toml
-instead (the recipe's settings, the size's over them) in WORK/NAME, on the Python corpus
-of `python -m mlx_skipless.corpus` (built first if missing): train, remove the norms,
-convert in bfloat16 and quantize, then score every stage on the corpus's held-out
-packages in bits per byte beside gzip, bz2 and xz and time its decoding
-(scripts/price_of_skiplessness.py), sample three fixed prompts, and write the card to
-WORK/NAME/README.md. Run the same command again to continue: training resumes from its
-last checkpoint (`train --resume`), and finished steps are kept. `--baseline` also trains
-the same model with residuals and pre-norms, for the price of skiplessness. The shipped
-demo changes only with `--ship`.
-
-    python scripts/build_demo.py --size corpus-tiny --baseline   # the build's smoke test
-    python scripts/build_demo.py --size flagship --baseline      # rerun until it is done
-
-What it costs, measured on a shared 2-core Linux x86_64 CPU with OpenBLAS preloaded: the
-corpus-tiny build with --baseline took 4 minutes (114 s user and 50 s system CPU) with the
-token cache warm, almost none of it training. On a cold cache the first train command also
-trains the tokenizer and tokenizes the 53 MB corpus (about 50 s of CPU); every later command
-on the same files reads both back from the cache in about a second (mlx_skipless.tokencache).
-The flagship size has not been trained yet, so what a larger budget buys is not measured here.
+Run the same command again to continue: training resumes from its last checkpoint
+(`train --resume`), and finished steps are kept (a step is redone when what it was made
+from is newer). What it costs, measured on Linux x86_64 with 2 shared cores and OpenBLAS
+preloaded (OPENBLAS_NUM_THREADS=1, one run per core): the flagship's two training runs took
+about 29 minutes each at about 1,450 tokens/s, normfree about 15 minutes, the table a few
+more; the corpus-tiny build takes about 4 minutes with the token cache warm. On a cold cache
+the first train command also trains the tokenizer and tokenizes the 53 MB corpus (about 50 s
+of CPU); later commands read both back from the cache (mlx_skipless.tokencache).
 """
 
 import argparse
@@ -50,12 +39,6 @@ from mlx_skipless.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mlx_skipless" / "demo" / "skipless-python"
-TRAIN = ["-m", "mlx_skipless.train", "--config", "zoo/skipless-python.toml", "--data", "stdlib",
-         "--steps", "2000", "--lr", "2e-3", "--q-init-scale", "0.1", "--orthogonality", "0.01", "--eval-every", "250",
-         "--save-every", "250"]
-NORMFREE = ["-m", "mlx_skipless.normfree", "--data", "stdlib", "--steps-per-norm", "25",
-            "--final-steps", "300", "--lr", "2e-4"]
-PROMPT = "def fibonacci(n):"
 SHIPPED = ("config.json", "model.safetensors", "model.safetensors.index.json", "skipless.py", "tokenizer.json",
            "tokenizer_config.json")
 ZOO_ENTRY = REPO / "zoo" / "skipless-python.toml"
@@ -168,8 +151,15 @@ def build_size(size: str, work: Path, corpus_dir: Path, baseline: bool, ship: bo
     runs.update({"bf16": work / "bf16", f"q{bits}": work / f"q{bits}"})
     if baseline:
         runs = {"residual": work / "residual", **runs}
-    price = step("price", ["scripts/price_of_skiplessness.py", *[f"{k}={v}" for k, v in runs.items()],
-                           "--data", str(corpus_dir), "--json"])
+    price_args = ["scripts/price_of_skiplessness.py", *[f"{k}={v}" for k, v in runs.items()],
+                  "--data", str(corpus_dir), "--json"]
+    kept = work / "price.json"  # the table is the slow part of a rerun: kept until a model changes
+    if kept.exists() and all(kept.stat().st_mtime > (path / "model.safetensors").stat().st_mtime
+                             for path in runs.values()):
+        commands["price"], price = shown(price_args, work, names), kept.read_text()
+    else:
+        price = step("price", price_args)
+        kept.write_text(price)
     samples = {}
     for prompt in PROMPTS:
         for how, extra in (("greedy", []), ("sampled", ["--temp", "0.8", "--top-p", "0.95", "--seed", "0"])):
@@ -266,6 +256,8 @@ def size_card(size, built_by, model, price, commands, samples, manifest, work) -
              + (", ".join(f"{e['package']} {e['version']}" for e in manifest["packages"] if e["split"] == "heldout")
                 if manifest else "(files given)") + ".", "",
              price_table(price, commands["price"]), "",
+             *conversion_section(work, commands), "",
+             *compute_section(work, t, weights), "",
              "## Commands (WORK: the build directory; CORPUS: the corpus directory)", "",
              *[f"- {k}: `{v}`" for k, v in commands.items()], "",
              "## Samples from the converted bfloat16 model (prompts chosen before training)", ""]
@@ -282,6 +274,54 @@ def size_card(size, built_by, model, price, commands, samples, manifest, work) -
     return "\n".join(lines)
 
 
+def conversion_section(work, commands) -> list:
+    """What the conversions removed and how close they stayed, from their own reports."""
+    from mlx_skipless.report import verification_rows
+
+    reports = {d.name: json.loads((d / "config.json").read_text())["conversion"]
+               for d in sorted(work.iterdir()) if d.name == "bf16" or d.name.startswith("q")
+               if (d / "config.json").exists()}
+    bf16 = reports["bf16"]
+    w, conds = bf16["weights"], [e["cond"] for e in bf16["layers"] if "cond" in e]
+    removed = sorted({e["removed"] for e in bf16["layers"]})
+    rows = {}
+    for report in reports.values():
+        for label, m in verification_rows(report["verification"]):
+            rows.setdefault(label, f"| {label} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% "
+                                   f"| {m['kl']:.2e} |")
+    return ["## Conversion", "",
+            f"`{commands['convert']}` (the main job's plan, `--remove auto`, verification on) removed "
+            f"{' or '.join(' and '.join(r.upper()) for r in removed)} per block: {w['before']:,} -> {w['after']:,} weights "
+            f"({100 * w['removed_fraction']:.1f}% removed), predicted batch-1 speedup "
+            f"{bf16['predicted_speedup']['bytes_read']:.3f}x; condition numbers of the inverted matrices "
+            f"{min(conds):.3g} to {max(conds):.3g}. Verification against the norm-free model in float32, "
+            "beside what plain rounding of the unconverted model costs:", "",
+            "| model | max rel. logit error | top-1 agreement | KL |", "|---|---|---|---|", *rows.values()]
+
+
+def compute_section(work, options, weights) -> list:
+    """Validation loss against training compute (6 x weights x tokens), from the runs' own
+    evaluations: what this build says a larger budget would buy."""
+    from mlx_skipless.modeldir import training_state
+
+    runs = {name: {h["step"]: h["val_loss"] for h in training_state(work / name).get("history", [])}
+            for name in ("with-norms", "residual")}
+    tokens = options["batch_size"] * options["context"]
+    rows = [f"| {step} | {step * tokens / 1e6:.2f} | {6 * weights * step * tokens / 1e15:.3f} | "
+            + " | ".join(f"{runs[n][step]:.3f}" if step in runs[n] else "-" for n in runs) + " |"
+            for step in sorted(runs["with-norms"])]
+    steps = sorted(runs["with-norms"])
+    drops = ", ".join(f"{name} {runs[name][a] - runs[name][b]:.3f}" for name in runs
+                      for a, b in [steps[-2:]] if a in runs[name] and b in runs[name])
+    return ["## What more compute would buy", "",
+            "Validation loss (nats/token, the corpus's validation split) at each evaluation of the two "
+            "training runs, against training compute (6 x weights x tokens). Each run is one cosine "
+            "schedule, so this shows how fast the model was still learning, not a scaling law: "
+            f"over the last {steps[-1] - steps[-2]} steps, as the learning rate decayed to zero, the "
+            f"loss still fell by {drops} nats.", "",
+            "| step | tokens (M) | PFLOP | skipless (with norms) | standard |", "|---|---|---|---|---|", *rows]
+
+
 def price_table(price, command) -> str:
     sys.path.insert(0, str(REPO / "scripts"))
     from price_of_skiplessness import markdown
@@ -293,111 +333,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--work", default="demo-work", help="scratch directory (default: demo-work)")
-    p.add_argument("--reuse-training", action="store_true", help="keep WORK/with-norms if present")
-    p.add_argument("--card-only", action="store_true",
-                   help="keep the shipped model; redo the conversions, samples and card")
-    p.add_argument("--size", help="build this size of zoo/recipes/skipless-python.toml in WORK/SIZE instead")
+    p.add_argument("--size", default="flagship",
+                   help="the size of zoo/recipes/skipless-python.toml to build, in WORK/SIZE (default: flagship)")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS),
-                   help=f"with --size: the corpus directory, built if missing (default: {DEFAULT_CORPUS})")
+                   help=f"the corpus directory, built if missing (default: {DEFAULT_CORPUS})")
     p.add_argument("--baseline", action="store_true",
-                   help="with --size: also train the same model with residuals and pre-norms")
-    p.add_argument("--ship", action="store_true", help="with --size: make the result the packaged demo")
+                   help="also train the same model with residuals and pre-norms (the price of skiplessness)")
+    p.add_argument("--ship", action="store_true", help="make the result the packaged demo")
     o = p.parse_args()
-    if o.size:
-        try:
-            sized_steps(o.size, Path(o.corpus))
-        except KeyError as e:
-            p.error(e.args[0])
-        try:
-            build_size(o.size, Path(o.work).resolve() / o.size, Path(o.corpus).expanduser().resolve(),
-                       o.baseline, o.ship)
-        except subprocess.CalledProcessError as e:
-            print((e.stderr or "")[-2000:] + f"error: {shlex.join(e.cmd[1:])} failed (exit status "
-                  f"{e.returncode}); run the same command again to continue", file=sys.stderr)
-            return 1
-        return 0
-    work = Path(o.work).resolve()
-    work.mkdir(exist_ok=True)
-    commands = {}
-    if o.card_only:
-        o.reuse_training = True
-    if not (o.reuse_training and (work / "with-norms" / "config.json").exists()):
-        shutil.rmtree(work / "with-norms", ignore_errors=True)
-        commands["train"], _ = run(TRAIN + ["--mlx-path", str(work / "with-norms")], work)
-    else:
-        commands["train"] = "python " + " ".join(TRAIN) + " --mlx-path WORK/with-norms"
-    normfree = NORMFREE + ["--model", str(work / "with-norms"), "--mlx-path", str(work / "norm-free"), "--force"]
-    if o.card_only:
-        commands["normfree"] = "python " + " ".join(a.replace(str(work), "WORK") for a in normfree)
-    else:
-        commands["normfree"], _ = run(normfree, work)
-        shutil.rmtree(DEMO, ignore_errors=True)
-        DEMO.mkdir(parents=True)
-        for name in SHIPPED:
-            shutil.copy(work / "norm-free" / name, DEMO / name)
-    reports = {}
-    for dtype in ("float32", "bfloat16"):
-        out = work / f"converted-{dtype}"
-        commands[f"convert {dtype}"], _ = run(["-m", "mlx_skipless.convert", "--mlx-path", str(out),
-                                               "--dtype", dtype, "--force"], work)
-        reports[dtype] = json.loads((out / "config.json").read_text())["conversion"]
-    commands["generate"], sample = run(["-m", "mlx_skipless.generate", "--model",
-                                        str(work / "converted-bfloat16"), "--prompt", PROMPT,
-                                        "--max-tokens", "60", "--verbose", "false"], work)
-    commands["generate, sampled"], sampled = run(["-m", "mlx_skipless.generate", "--model",
-                                                  str(work / "converted-bfloat16"), "--prompt", PROMPT,
-                                                  "--max-tokens", "60", "--temp", "0.8", "--top-p", "0.95",
-                                                  "--seed", "0", "--verbose", "false"], work)
-    nf = json.loads((DEMO / "config.json").read_text())["normfree"]  # normfree's record, the run's within it
-    state = {"trained": nf["trained"], "normfree": nf}
-    (DEMO / "README.md").write_text(card(state, reports, commands, sample, sampled))
-    size = sum(f.stat().st_size for f in DEMO.iterdir())
-    print(f"[INFO] wrote {DEMO} ({size / 1e6:.1f} MB)")
-
-
-def card(state, reports, commands, sample, sampled) -> str:
-    trained, nf = state["trained"], state["normfree"]
-    last = trained["history"][-1]
-    conds = [e["cond"] for e in reports["float32"]["layers"] if "cond" in e]
-    w = reports["float32"]["weights"]
-    from mlx_skipless.report import verification_rows
-
-    rows = {}  # by label: the float32 row comes from the float32 conversion
-    for r in reports.values():
-        for label, m in verification_rows(r["verification"]):
-            rows.setdefault(label, f"| {label} | {m['max_rel_error']:.2e} | {100 * m['top1_agreement']:.1f}% "
-                                   f"| {m['kl']:.2e} |")
-    rows = list(rows.values())
-    t = trained["options"]
-    return "\n".join([
-        "# skipless-python: the mlx-skipless demo model", "",
-        "A small skipless transformer (no residual adds, no norms between blocks; a final RMSNorm "
-        "before the head) trained on the Python standard library, with MLX, on the CPU of a "
-        f"Linux machine ({platform.machine()}, Python {platform.python_version()}, "
-        f"mlx {mx.__version__}). It is the converter's embedded default input. "
-        "It is small and briefly trained: it writes Python-flavoured text, not working code.", "",
-        "Model: `zoo/skipless-python.toml` (d 64, 4 layers, 4 heads, shaped attention, SwiGLU 192, RoPE, "
-        "byte-level BPE with 1,024 tokens, context 128).", "",
-        "## How it was made", "",
-        "`python scripts/build_demo.py` ran these commands (WORK is its scratch directory):", "",
-        *[f"- {step}: `{cmd}`" for step, cmd in commands.items()], "",
-        "## Figures (all from the commands above)", "",
-        "| stage | validation loss (nats/token) |", "|---|---|",
-        f"| trained with pre-norms, {trained['step']} steps of {t['batch_size']}x{t['context']} tokens "
-        f"(training loss {last['train_loss']:.3f}) | {last['val_loss']:.3f} |",
-        f"| norms frozen to their average scale, fine-tuned {nf['finetune_steps']} steps | "
-        f"{nf['val_loss_fixed_norms']:.3f} |",
-        f"| norms folded into the next layers: norm-free, shipped here | {nf['val_loss_norm_free']:.3f} |", "",
-        f"Conversion (`--remove auto`): {w['before']:,} -> {w['after']:,} weights "
-        f"({100 * w['removed_fraction']:.1f}% removed), predicted batch-1 speedup "
-        f"{reports['float32']['predicted_speedup']['bytes_read']:.3f}x; condition numbers of the "
-        f"inverted matrices {min(conds):.3g} to {max(conds):.3g}.", "",
-        "Verification against the shipped model in float32 (4 x 32 random tokens):", "",
-        "| model | max rel. logit error | top-1 agreement | KL |", "|---|---|---|---|", *rows, "",
-        f"## Samples from the converted bfloat16 model, prompt `{PROMPT}`", "",
-        "Greedy (the `generate` command above):", "", "```python", PROMPT + sample.rstrip(), "```", "",
-        "Sampled (`generate, sampled`):", "", "```python", PROMPT + sampled.rstrip(), "```", "",
-    ])
+    try:
+        sized_steps(o.size, Path(o.corpus))
+    except KeyError as e:
+        p.error(e.args[0])
+    try:
+        build_size(o.size, Path(o.work).resolve() / o.size, Path(o.corpus).expanduser().resolve(),
+                   o.baseline, o.ship)
+    except subprocess.CalledProcessError as e:
+        print((e.stderr or "")[-2000:] + f"error: {shlex.join(e.cmd[1:])} failed (exit status "
+              f"{e.returncode}); run the same command again to continue", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

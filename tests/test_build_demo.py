@@ -25,7 +25,7 @@ def test_sizes_come_from_the_recipe_with_the_corpus_bound(build_demo, tmp_path):
     model, steps = build_demo.sized_steps("corpus-tiny", tmp_path)
     assert model["hidden_size"] == 32 and model["shaped_attention"] is True  # size over zoo model
     assert steps["train"]["data"] == [str(tmp_path)] == steps["normfree"]["data"]
-    assert steps["train"]["q_init_scale"] == 0.1 and steps["train"]["steps"] == 20  # recipe, then size
+    assert steps["train"]["lr"] == 2e-3 and steps["train"]["steps"] == 20  # recipe, then size
     assert steps["convert"] == {"dtype": "bfloat16"} and steps["quantize"]["q_bits"] == 4
     _, flagship = build_demo.sized_steps("flagship", tmp_path)
     assert flagship["train"]["data"] == [str(tmp_path)]
