@@ -47,7 +47,8 @@ def one_error_line(capsys, message=""):
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--prompt", ""], "the prompt is empty"),
     (["--max-kv-size", "0"], "--max-kv-size must be at least 1"),
-    (["--kv-bits", "3"], "--kv-group-size 64 does not divide the head size 16"),
+    (["--kv-bits", "4", "--kv-group-size", "128"], "--kv-group-size 128 does not divide the head size 64"),
+    (["--kv-bits", "3", "--kv-group-size", "48"], "group size 48 is not supported"),
     (["--kv-bits", "7"], "--kv-bits 7"),
     (["--top-p", "0"], "sampling needs"),
 ])

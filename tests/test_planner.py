@@ -75,7 +75,7 @@ def test_an_ill_conditioned_layer_is_kept_and_the_choice_recorded(tmp_path, caps
 def test_own_trained_model_in_bf16_keeps_top1_within_a_point(tmp_path):
     # the packaged demo, trained and made norm-free by this project (scripts/build_demo.py)
     report = convert(None, str(tmp_path / "out"), dtype="bfloat16", **quiet())
-    assert all(e["removed"] == "vp" for e in report["layers"])
+    assert all(e["removed"] in ("qp", "kp", "vp") for e in report["layers"])  # one of Q/K/V, and P
     v = report["verification"]["stored"]
     assert v["converted"]["top1_agreement"] >= v["original"]["top1_agreement"] - 0.01
     assert not report["verification"]["degraded"]
