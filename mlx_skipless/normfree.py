@@ -128,13 +128,16 @@ def fold_norms(model: Model, args: ModelArgs):
 
 
 def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-4, batch_size=16,
-                 context=128, calibration_batches=4, seed=1, log=print) -> tuple:
+                 context=128, calibration_batches=4, seed=1, log=print, eval_batches=8) -> tuple:
     """(norm-free model, its args, report): the whole recipe, with measured losses."""
+    def score(m):  # the same fixed validation windows for every stage
+        return evaluate(m, corpus, context, batches=eval_batches)
+
     if not args.block_norm:
         raise ValueError("this model has no norms inside its blocks")
     if args.residual:
         raise ValueError("this model has residual adds; normfree is for skipless models")
-    report = {"val_loss_with_norms": evaluate(model, corpus, context), "stages": []}
+    report = {"val_loss_with_norms": score(model), "stages": []}
     log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
     # A fresh Adam's first steps are full-size: warm up, or they undo the training. The final
     # steps anneal to zero, as training did, so the model is not left where a large step put it.
@@ -146,21 +149,21 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
     step = 0
     for i, name in schedule(args):
         scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
-        frozen = evaluate(model, corpus, context)
+        frozen = score(model)
         step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed)
         stage = {"layer": i, "norm": name, "scale": scale, "val_loss_frozen": frozen,
-                 "val_loss_finetuned": evaluate(model, corpus, context)}
+                 "val_loss_finetuned": score(model)}
         report["stages"].append(stage)
         log(f"[normfree] layer {i} {name}: scale {scale:.3g}, loss {frozen:.4f} frozen, "
             f"{stage['val_loss_finetuned']:.4f} after {steps_per_norm} steps")
     step = finetune(model, corpus, optimizer, final_steps, step, batch_size, context, seed)
-    report["val_loss_fixed_norms"] = evaluate(model, corpus, context)
+    report["val_loss_fixed_norms"] = score(model)
     folded, new_args = fold_norms(model, args)
-    report["val_loss_norm_free"] = evaluate(folded, corpus, context)
+    report["val_loss_norm_free"] = score(folded)
     report["finetune_steps"] = step
     report["options"] = dict(steps_per_norm=steps_per_norm, final_steps=final_steps, lr=lr,
                              batch_size=batch_size, context=context,
-                             calibration_batches=calibration_batches, seed=seed)
+                             calibration_batches=calibration_batches, eval_batches=eval_batches, seed=seed)
     log(f"[normfree] validation loss: {report['val_loss_with_norms']:.4f} with norms, "
         f"{report['val_loss_norm_free']:.4f} norm-free (after folding)")
     return folded, new_args, report
@@ -176,6 +179,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calibration-batches", type=int, default=4)
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches of 16 windows behind each reported loss")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--force", action="store_true")
     return p
@@ -192,7 +197,7 @@ def main(o):
     corpus = data.Corpus.build(o.data, tok)
     folded, new_args, report = remove_norms(
         model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
-        o.calibration_batches, o.seed)
+        o.calibration_batches, o.seed, eval_batches=o.eval_batches)
     report["source"] = str(o.model)
     report["trained"] = state  # the run it came from: options, steps, losses
     with output, output.stage() as staging:

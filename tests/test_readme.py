@@ -24,7 +24,7 @@ SKIPPED = {  # command prefix -> why it is not run here
 SCALED = [  # (pattern, replacement): the same command, a few seconds of training
     (r"--data stdlib\b", "--data stdlib/json"),
     (r"--steps 2000", "--steps 4 --batch-size 2 --context 32 --vocab-size 300 --eval-every 2 --save-every 4"),
-    (r"(mlx_skipless\.normfree .*)$", r"\1 --data stdlib/json --steps-per-norm 0 --final-steps 0 --calibration-batches 1 --batch-size 2"),
+    (r"(mlx_skipless\.normfree .*)$", r"\1 --data stdlib/json --steps-per-norm 0 --final-steps 0 --calibration-batches 1 --eval-batches 1 --batch-size 2"),
 ]
 TYPED = "import os\nq\n"  # what a user types into the chat commands
 
