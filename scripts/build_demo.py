@@ -39,8 +39,6 @@ from mlx_skipless.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mlx_skipless" / "demo" / "skipless-python"
-SHIPPED = ("config.json", "model.safetensors", "model.safetensors.index.json", "skipless.py", "tokenizer.json",
-           "tokenizer_config.json")
 ZOO_ENTRY = REPO / "zoo" / "skipless-python.toml"
 SHIP_LIMIT = 25_000_000  # bytes: the most the repository carries for its embedded model
 
