@@ -152,7 +152,7 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
         frozen = score(model)
         step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed)
         stage = {"layer": i, "norm": name, "scale": scale, "val_loss_frozen": frozen,
-                 "val_loss_finetuned": score(model)}
+                 "val_loss_finetuned": score(model) if steps_per_norm else frozen}
         report["stages"].append(stage)
         log(f"[normfree] layer {i} {name}: scale {scale:.3g}, loss {frozen:.4f} frozen, "
             f"{stage['val_loss_finetuned']:.4f} after {steps_per_norm} steps")

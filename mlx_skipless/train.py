@@ -51,10 +51,14 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from functools import partial
 from pathlib import Path
 from typing import Optional
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -16,9 +16,13 @@ import contextlib
 import json
 import shutil
 import sys
-import tomllib
 from dataclasses import replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from . import cli, counting, fusion
 from .models.skipless import ModelArgs

@@ -3,7 +3,6 @@ binds the data name `corpus` to the corpus directory, and continues where a run 
 
 import json
 import os
-import tomllib
 from dataclasses import replace
 
 import mlx.core as mx
@@ -13,7 +12,7 @@ from mlx.utils import tree_flatten
 from harness import load_script, tiny_args
 from mlx_skipless import counting, modeldir, zoo
 from mlx_skipless.models.skipless import Model
-
+from mlx_skipless.zoo import tomllib  # tomli on Python 3.10
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +104,11 @@ def test_ship_refuses_a_model_over_the_limit(build_demo, build, monkeypatch):
     with pytest.raises(ValueError, match="at most 0 MB"):
         build_demo.ship_build(work, "# card\n", demo=demo, zoo_entry=entry)
     assert [p.name for p in demo.iterdir()] == ["trainer.json"] and entry.read_text() == text
+
+
+def test_the_packaged_demo_carries_the_model_file_of_this_checkout():
+    """Stock mlx-lm runs the demo with the skipless.py beside its weights: a stale copy would
+    run yesterday's model on them. `build_demo.py --ship` refreshes it; so does copying it."""
+    shipped = zoo.PACKAGE / "demo" / "skipless-python" / "skipless.py"
+    source = zoo.PACKAGE / "models" / "skipless.py"
+    assert shipped.read_bytes() == source.read_bytes(), f"cp {source} {shipped}"
