@@ -248,6 +248,33 @@ class TensorSource:
         return FLOATING.get(t.dtype, t.dtype)
 
 
+def as_stored(x: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """`x` stored in the MLX float `dtype`, rounded to nearest (ties to even) as MLX's
+    cast rounds: (the array whose bytes are written, its values as float32). Numpy does
+    it without copies through MLX; bfloat16 comes back as its bits (uint16)."""
+    x = np.asarray(x, np.float32, order="C")
+    if dtype == mx.float32:
+        return x, x
+    if dtype == mx.float16:
+        with np.errstate(over="ignore"):  # to infinity, as MLX's cast; verification reports it
+            raw = x.astype(np.float16)
+        return raw, raw.astype(np.float32)
+    if dtype != mx.bfloat16:
+        raise ValueError(f"not a float dtype to store weights in: {dtype}")
+    halves = x.reshape(-1).view(np.uint16).reshape(-1, 2)  # (low, high): MLX hosts are little-endian
+    if not halves[:, 0].any():  # read from bfloat16, as most checkpoints are: stored as it is
+        return np.ascontiguousarray(halves[:, 1]).reshape(x.shape), x
+    bits = x.reshape(-1).view(np.uint32)
+    t = bits >> 16
+    t &= 1
+    t += 0x7FFF  # what rounds the upper half to nearest, ties to even
+    t += bits
+    t >>= 16
+    raw = t.astype(np.uint16).reshape(x.shape)
+    t <<= 16
+    return raw, t.view(np.float32).reshape(x.shape)
+
+
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
                       mx.uint32: "U32", mx.int32: "I32", mx.uint16: "U16", mx.int16: "I16",
                       mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint64: "U64",
@@ -272,11 +299,17 @@ class ShardWriter:
     def add(self, tensors: Dict[str, mx.array]):
         for key, value in tensors.items():
             raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value  # numpy has no bf16
-            data = np.ascontiguousarray(raw)  # shares MLX's buffer: no copy
-            self.entries.append((key, SAFETENSORS_DTYPES[value.dtype], list(value.shape),
-                                 self.total_bytes, data.nbytes))
-            self.spool.write(memoryview(data).cast("B"))
-            self.total_bytes += data.nbytes
+            self._append(key, SAFETENSORS_DTYPES[value.dtype], np.asarray(raw, order="C"))
+
+    def add_stored(self, tensors: Dict[str, np.ndarray], dtype):
+        """Numpy arrays as `as_stored` returns them for the MLX float `dtype`."""
+        for key, raw in tensors.items():
+            self._append(key, SAFETENSORS_DTYPES[dtype], np.asarray(raw, order="C"))
+
+    def _append(self, key: str, dtype: str, data: np.ndarray):
+        self.entries.append((key, dtype, list(data.shape), self.total_bytes, data.nbytes))
+        self.spool.write(memoryview(data).cast("B"))
+        self.total_bytes += data.nbytes
 
     def read(self, key: str) -> mx.array:
         """A tensor added earlier, read back from the spool (for passes that reuse it)."""

@@ -53,7 +53,7 @@ class Affine(NamedTuple):
     def then(self, other: "Affine", dtype=np.float64) -> "Affine":
         """x -> other(self(x)), the products (the bias's too) taken in `dtype`."""
         M = np.asarray(other.W, dtype)
-        return Affine(np.asarray(self.W, dtype) @ M, _rowvec_times(self.b, M) + other.b)
+        return Affine(_product(np.asarray(self.W, dtype), M), _rowvec_times(self.b, M) + other.b)
 
     def after_inverse_of(self, basis: "Basis") -> "Affine":
         """x̃ -> self(basis⁻¹(x̃)): self, for an input that arrives as x·B + c.
@@ -62,9 +62,7 @@ class Affine(NamedTuple):
         factorization per basis. Its error exceeds a solve's only as B nears
         singular, and past SINGULAR_COND no basis is made at all."""
         c = basis.map.b
-        stacked = np.moveaxis(self.W, -2, 0)  # (in, ..., out): one right-hand side
-        W = basis.inverse @ np.asarray(stacked, np.float64).reshape(stacked.shape[0], -1)
-        W = np.moveaxis(W.reshape(stacked.shape), 0, -2)
+        W = _product(basis.inverse, np.asarray(self.W, np.float64))
         return Affine(W, self.b - _rowvec_times(c, W))
 
 
@@ -75,6 +73,12 @@ class Basis(NamedTuple):
     map: Affine
     inverse: np.ndarray
     inverted: "InvertedMatrix"
+
+
+def _product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A·B, computed as (Bᵀ·Aᵀ)ᵀ: the same products, but laid out so that the weight
+    (the transpose, as checkpoints hold it) is row-major, and storing it copies nothing."""
+    return np.swapaxes(np.swapaxes(B, -1, -2) @ np.swapaxes(A, -1, -2), -1, -2)
 
 
 def _rowvec_times(b: np.ndarray, W: np.ndarray) -> np.ndarray:

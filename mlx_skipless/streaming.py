@@ -12,7 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import fusion, layout, verify
-from .checkpoint import ShardWriter
+from .checkpoint import ShardWriter, as_stored
 from .loading import block_module, shell_module, store
 from .models.skipless import Block, Model
 from .names import (EMBED, EMBED_TOKENS, FFN_IN_LEAVES, FFN_OUT_LEAVES, HEAD, POSITIONS, block_key, is_norm,
@@ -178,18 +178,21 @@ class Passes:
             passed = others.pop(i)
             fused_flat = {**layout.layer_to_flat(fused, new_args), **passed}
             del fused
-            stored = store(block_module(new_args, i, fused_flat), self.target, self.quant)
+            stored, written = self._store(new_args, i, fused_flat)
             if writer:
-                writer.add({block_key(i, k): v for k, v in tree_flatten(stored.parameters())})
+                written(writer, i)
+            del written
+            if "converted_stored" in names:
+                streams.step("converted_stored", stored)
+            del stored
             # One model at a time: each is built, advanced by one block and dropped.
-            build = {"converted_stored": lambda: stored,
-                     "converted": lambda: verify.on_numpy(Block(new_args, form), fused_flat),
+            build = {"converted": lambda: verify.on_numpy(Block(new_args, form), fused_flat),
                      "original": lambda: verify.on_numpy(Block(args, args.removed[i]), orig_flat),
-                     "original_stored": lambda: store(block_module(args, i, orig_flat), self.target, self.quant)}
+                     "original_stored": lambda: self._store(args, i, orig_flat)[0]}
             orig_flat = {**layout.layer_to_flat(original, args), **passed} if set(names) & set(ORIGINALS) else None
-            for name in names:
+            for name in (n for n in names if n in build):
                 streams.step(name, build[name]())
-            del stored, fused_flat, original, orig_flat, build
+            del fused_flat, original, orig_flat, build
             # MLX keeps freed buffers for reuse; each block's shapes recur, the cache need not.
             mx.clear_cache()
         if self.conds is None:
@@ -198,6 +201,24 @@ class Passes:
             entering[-1] = embedded  # where a plan that changes layer 0 starts
             self.top = (list(new_args.removed), new_args, writer, entering, shells["converted_stored"])
         return list(new_args.removed), new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
+
+
+    def _store(self, args, i, flat):
+        """Block i of `args` holding float32 `flat`, as the output stores it: (a module
+        that computes as the stored block does, and `written(writer, i)`, which writes
+        it). Unquantized, the rounding is numpy's, and the module's products too: MLX
+        would copy every matrix in and out again."""
+        block = Block(args, args.removed[i])  # lazy: allocates nothing
+        if self.quant:
+            stored = store(block_module(args, i, flat), self.target, self.quant)
+            tensors = dict(tree_flatten(stored.parameters()))
+            return stored, lambda writer, i: writer.add({block_key(i, k): v for k, v in tensors.items()})
+        order = [k for k, _ in tree_flatten(block.parameters())]  # the written order: MLX's
+        raw, values = {}, {}
+        for k in order:
+            raw[k], values[k] = as_stored(flat[k], self.target)
+        return (verify.on_numpy(block, values, self.target),
+                lambda writer, i: writer.add_stored({block_key(i, k): raw[k] for k in order}, self.target))
 
 
 def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):

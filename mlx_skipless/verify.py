@@ -120,17 +120,19 @@ def _linears(module: nn.Module) -> Dict[str, nn.Module]:
             if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
 
 
-def on_numpy(module: nn.Module, tensors: Optional[Dict[str, np.ndarray]] = None) -> nn.Module:
+def on_numpy(module: nn.Module, tensors: Optional[Dict[str, np.ndarray]] = None, dtype=mx.float32) -> nn.Module:
     """`module` with every Linear and QuantizedLinear layer computed by numpy (in place):
     from its own weights, or from float32 `tensors` (named as in the module), and then
-    the module's other parameters are loaded from `tensors` too."""
+    the module's other parameters are loaded from `tensors` too. `dtype`: the one the
+    weights are stored in (their values are `tensors`), which MLX would compute in."""
     linears = _linears(module)
     if tensors is None:
         module.update_modules(tree_unflatten([(p, NumpyLinear.of(m)) for p, m in linears.items()]))
         return module
-    module.update_modules(tree_unflatten([(p, NumpyLinear(tensors[f"{p}.weight"], tensors.get(f"{p}.bias")))
+    module.update_modules(tree_unflatten([(p, NumpyLinear(tensors[f"{p}.weight"], tensors.get(f"{p}.bias"), dtype))
                                           for p in linears]))
-    rest = [(k, mx.array(np.asarray(v, np.float32))) for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linears]
+    rest = [(k, mx.array(np.asarray(v, np.float32)).astype(dtype))
+            for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linears]
     module.load_weights(rest)
     return module
 

@@ -84,3 +84,24 @@ def test_every_stored_dtype_round_trips_bit_exactly(tmp_path):
         loaded.update(mx.load(str(f)))
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and mx.array_equal(loaded[k], v).item()
+
+
+def test_weights_are_stored_as_mlx_casts_them():
+    """as_stored rounds in numpy (no copies through MLX); its bits and values must be MLX's:
+    ties to even, subnormals, overflow to infinity, in bfloat16 and float16."""
+    from mlx_skipless.checkpoint import as_stored
+
+    rng = np.random.default_rng(0)
+    ties = (rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32) & 0xFFFF0000) | 0x8000
+    x = np.concatenate([ties.view(np.float32), rng.standard_normal(20_000).astype(np.float32) * 1e-39,
+                        rng.standard_normal(20_000).astype(np.float32) * 7e4,
+                        np.array([0.0, -0.0, 3.4028235e38, -3.4028235e38, 65520.0, 6e-8], np.float32)])
+    x = x[np.isfinite(x)]
+    exact = np.array(mx.array(x[:999].reshape(27, 37)).astype(mx.bfloat16).astype(mx.float32))  # read from bf16
+    for x in (x, exact, np.array(1.1, np.float32)):
+        for dtype in (mx.bfloat16, mx.float16, mx.float32):
+            raw, values = as_stored(x, dtype)
+            cast = mx.array(x).astype(dtype)
+            expected = np.array(cast.view(mx.uint16) if dtype == mx.bfloat16 else cast)
+            assert raw.shape == values.shape == x.shape and raw.tobytes() == expected.tobytes()
+            assert values.tobytes() == np.array(cast.astype(mx.float32)).tobytes()
