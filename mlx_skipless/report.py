@@ -1,5 +1,7 @@
 """The conversion report: the record stored as `conversion` in config.json, and its log lines."""
 
+import numpy as np
+
 from . import __version__, counting, verify
 from .names import LM_HEAD
 
@@ -14,6 +16,7 @@ def verification_record(logits, reference, stored_as, probe_shape):
     return {
         "reference": "the original model in float32",
         "probe": f"{probe_shape[0]} x {probe_shape[1]} random token ids, seed 0",
+        "reference_max_abs_logit": float(np.abs(ref).max()),
         "float32": converted,
         "stored_as": stored_as,
         "stored": {"converted": stored, "original": rounding},
@@ -81,6 +84,9 @@ def log_report(report, log):
         for name, m in verification_rows(v):
             log(f"[VERIFY] {name:<28} max rel. logit error {m['max_rel_error']:.2e}, "
                 f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}")
+        if v.get("reference_max_abs_logit") == 0:
+            log("[WARNING] the original's logits on the probe are all zero (its activations vanish "
+                "through the blocks): the figures above compare nothing")
         if v["degraded"]:
             log("[WARNING] " + "!" * 60)
             log("[WARNING] FUSION MADE THIS MODEL CLEARLY WORSE than plain rounding of the original.")

@@ -168,6 +168,21 @@ def test_fusion_that_rounding_destroys_is_refused_loudly(tmp_path, capsys):
     assert not report["verification"]["degraded"]
 
 
+def test_a_model_whose_logits_vanish_is_not_called_worse(tmp_path, capsys):
+    """All-zero logits on the probe (a zero head here; a deep random stack underflows the
+    same way) make every relative error 0/0: the converter says the figures compare
+    nothing, instead of calling fusion clearly worse and searching for another plan."""
+    args, flat = hf.case("llama", 0)
+    flat = {**flat, "lm_head.weight": np.zeros_like(flat["lm_head.weight"])}
+    src = hf.write(tmp_path / "src", "llama", args, flat, dtype=mx.bfloat16)
+    report = convert(str(src), str(tmp_path / "out"), dtype="bfloat16", progress=False)
+    v = report["verification"]
+    assert v["reference_max_abs_logit"] == 0 and not v["degraded"] and "plan" in report
+    assert [t["rung"] for t in report["plan"]["trials"]] == [0]
+    assert v["stored"]["converted"]["max_rel_error"] == 0
+    assert "the figures above compare nothing" in capsys.readouterr().out
+
+
 def corrupt(tmp_path, how):
     src, args, flat = write(tmp_path, "llama")
     if how == "not_skipless":
