@@ -127,16 +127,20 @@ def fold_norms(model: Model, args: ModelArgs):
     return folded, new_args
 
 
+def check_removable(args):
+    if not args.block_norm:
+        raise ValueError("this model has no norms inside its blocks")
+    if args.residual:
+        raise ValueError("this model has residual adds; normfree is for skipless models")
+
+
 def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-4, batch_size=16,
                  context=128, calibration_batches=4, seed=1, log=print, eval_batches=8) -> tuple:
     """(norm-free model, its args, report): the whole recipe, with measured losses."""
     def score(m):  # the same fixed validation windows for every stage
         return evaluate(m, corpus, context, batches=eval_batches)
 
-    if not args.block_norm:
-        raise ValueError("this model has no norms inside its blocks")
-    if args.residual:
-        raise ValueError("this model has residual adds; normfree is for skipless models")
+    check_removable(args)
     report = {"val_loss_with_norms": score(model), "stages": []}
     log(f"[normfree] validation loss with norms: {report['val_loss_with_norms']:.4f}")
     # A fresh Adam's first steps are full-size: warm up, or they undo the training. The final
@@ -191,6 +195,7 @@ def main(o):
     output = OutputDir(o.mlx_path, o.force, inputs=[o.model])
     output.check()  # before the work, not only after it
     model, args, tok, state = modeldir.read(o.model)
+    check_removable(args)  # before the corpus is read: tokenizing it can take minutes
     if tok is None:
         raise ValueError(f"{o.model} has no tokenizer.json to read the --data with")
     context = state.get("options", {}).get("context", args.max_position_embeddings)

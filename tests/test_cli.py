@@ -114,6 +114,14 @@ def test_every_command_fails_in_one_line_through_the_dispatcher(tmp_path, capsys
     assert getattr(__import__(f"mlx_skipless.{argv[0]}", fromlist=["main"]).main, "build_parser", None)
 
 
+def test_normfree_refuses_a_model_without_norms_before_reading_any_data(tmp_path, capsys):
+    """The packaged demo is already norm-free: say so at once, not after tokenizing --data."""
+    demo = cli.__file__.replace("cli.py", "demo/skipless-python")
+    assert cli.main(["normfree", "--model", demo, "--mlx-path", str(tmp_path / "out"),
+                     "--data", str(tmp_path / "never-read")]) == 1
+    assert capsys.readouterr().err == "error: this model has no norms inside its blocks\n"
+
+
 def test_a_closed_pipe_ends_quietly(tmp_path):
     read, write = os.pipe()
     os.close(read)  # `| head` that has already exited: every write fails
