@@ -289,9 +289,9 @@ class ShardWriter:
     Tensor bytes go to a spool file at once, so memory holds one tensor, never a
     shard; `close` writes each shard's header and copies its bytes in."""
 
-    def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES):
+    def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES, spool: str = "tensors.spool"):
         self.directory, self.max_bytes = Path(directory), max_bytes
-        self.spool_path = self.directory / "tensors.spool"
+        self.spool_path = self.directory / spool
         self.spool = open(self.spool_path, "wb")
         self.entries = []  # (key, dtype, shape, spool offset, nbytes)
         self.total_bytes = 0
@@ -310,6 +310,10 @@ class ShardWriter:
         self.entries.append((key, dtype, list(data.shape), self.total_bytes, data.nbytes))
         self.spool.write(memoryview(data).cast("B"))
         self.total_bytes += data.nbytes
+
+    def keys(self) -> List[str]:
+        """The tensors added so far, in order."""
+        return [e[0] for e in self.entries]
 
     def read(self, key: str) -> mx.array:
         """A tensor added earlier, read back from the spool (for passes that reuse it)."""

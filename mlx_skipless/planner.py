@@ -185,9 +185,12 @@ def measured_plan(passes, staging, rungs, n_doubtful, first, budget, stored_as, 
             "searching for the largest plan within it")
         # the P-merged rung is a reference rounding itself: within budget by definition
         chosen = search(admits, len(rungs) - 1 if p_merged is None else p_merged)
-        first.writer.discard()  # the trials read it
-        passes.top = None
-        first = passes.write(staging, rungs[chosen])
+        rewritten = passes.rewrite(staging, first, rungs[chosen], figures[chosen]) if chosen in figures else None
+        if rewritten is None:  # a plan that differs from the first in more than kept bases
+            first.writer.discard()  # the trials read it
+            passes.top = None
+            rewritten = passes.write(staging, rungs[chosen])
+        first = rewritten
     if "p_merged" in noise:
         v = first.verification
         v["stored"]["original_p_merged"] = noise["p_merged"]

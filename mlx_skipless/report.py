@@ -62,7 +62,8 @@ def build_report(source, ckpt, args, new_args, forms, notes, inverted, dtype, qu
 
 def verification_rows(v):
     """(label, metrics): float32, then, if stored otherwise, converted and original as stored."""
-    rows = [("converted, float32", v["float32"])]
+    # after --remove auto rewrote a plan from the first one's blocks, float32 is the first plan's
+    rows = [("converted, float32" + (" (first plan)" if v.get("float32_plan") else ""), v["float32"])]
     if v["stored_as"] != "float32":
         rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
                  (f"original, {v['stored_as']}", v["stored"]["original"])]
@@ -81,8 +82,10 @@ def log_report(report, log):
         log(f"[INFO] inverted {len(conds)} matrices, condition numbers {min(conds):.3g} to {max(conds):.3g}")
     v = report.get("verification")
     if v:
-        for name, m in verification_rows(v):
-            log(f"[VERIFY] {name:<28} max rel. logit error {m['max_rel_error']:.2e}, "
+        rows = verification_rows(v)
+        width = max(28, *(len(name) for name, _ in rows))
+        for name, m in rows:
+            log(f"[VERIFY] {name:<{width}} max rel. logit error {m['max_rel_error']:.2e}, "
                 f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}")
         if v.get("reference_max_abs_logit") == 0:
             log("[WARNING] the original's logits on the probe are all zero (its activations vanish "

@@ -16,8 +16,8 @@ from .checkpoint import ShardWriter, as_stored
 from .loading import block_module, shell_module, store
 from .models.skipless import Block, Model
 from .names import (EMBED, EMBED_TOKENS, FFN_IN_LEAVES, FFN_OUT_LEAVES, HEAD, POSITIONS, block_key, is_norm,
-                    projection)
-from .report import verification_record
+                    projection, split_block_key)
+from .report import degraded, verification_record
 
 ORIGINALS = ("original", "original_stored")
 
@@ -66,6 +66,38 @@ class Passes:
             logits = run["converted_stored"]
         return verify.compare(logits, self.reference["original"])
 
+    def rewrite(self, staging, first: Pass, forms, measured: dict) -> Optional[Pass]:
+        """`forms` written from what the first written pass stored, where the two differ
+        only in which layers keep their Q/K/V (as for `_reuse`), nothing fused again;
+        `measured`: its stored figures from `evaluate`. The float32 figures stay those of
+        the first plan (rounding-free fusion of the blocks both share; the rest is the
+        original's), and say so. None where the plans differ otherwise."""
+        plan = self._from_top(forms)
+        if plan is None:
+            return None
+        new_args, changed = plan
+        old = self.top[2]
+        writer = ShardWriter(staging, spool="rewrite.spool")  # the first pass's spool is read meanwhile
+        shell = {k: old.read(k) for k in old.keys() if split_block_key(k) is None}
+        if 0 in changed:  # block 0 keeps its basis: the embeddings are the original's, as stored
+            original = dict(tree_flatten(store(shell_module(self.ckpt.args, self.ckpt.globals()),
+                                               self.target, self.quant).parameters()))
+            embedding = {k.rsplit(".", 1)[0] for k in (EMBED, POSITIONS)}
+            shell.update({k: v for k, v in original.items() if k.rsplit(".", 1)[0] in embedding})
+        writer.add(shell)
+        for i, _, tensors in self._blocks_from_top(forms, new_args, changed, 0, "writing"):
+            writer.add({block_key(i, k): v for k, v in tensors})
+        old.discard()
+        self.top = None
+        v = dict(first.verification, stored={**first.verification["stored"], "converted": measured})
+        if v["stored_as"] == "float32":
+            v["float32"] = measured
+        else:
+            v["float32_plan"] = "first"
+        v["degraded"] = degraded(v["float32"], measured, v["stored"]["original"])
+        inverted = [None if i in changed else inv for i, inv in enumerate(first.inverted)]
+        return Pass(list(forms), new_args, inverted, v, writer)
+
     def _reuse(self, forms):
         """The logits of the stored model for `forms` that differ from the first
         written pass only in which layers keep their Q/K/V, built from what that
@@ -75,9 +107,25 @@ class Passes:
         matrices are the original's, stored the same way; nothing is fused again, and
         the probe restarts from the activations cached at the block before the
         first change. None where the plans differ otherwise."""
+        plan = self._from_top(forms)
+        if plan is None:
+            return None
+        new_args, changed = plan
+        _, _, _, entering, shell = self.top
+        start = max(changed[0] - 1, 0)
+        streams = verify.Streams(self.tokens)
+        streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
+        for _, block, _ in self._blocks_from_top(forms, new_args, changed, start, "trying"):
+            streams.step("converted_stored", block)
+            mx.clear_cache()
+        return streams.finish("converted_stored", shell)
+
+    def _from_top(self, forms):
+        """(its args, the layers that differ) for `forms` that differ from the first
+        written pass only in which layers keep their Q/K/V; else None."""
         if self.top is None:
             return None
-        top_forms, top_args, writer, entering, shell = self.top
+        top_forms, top_args = self.top[:2]
         args, L = self.ckpt.args, self.ckpt.args.num_hidden_layers
         new_args = fusion.reduced_args(args, forms)
         changed = [i for i in range(L) if forms[i] != top_forms[i]]
@@ -85,12 +133,16 @@ class Passes:
                 or any(forms[i].replace("p", "") and top_forms[i].replace("p", "") for i in changed)
                 or any(forms[i].count("p") != top_forms[i].count("p") for i in changed)):
             return None
-        start = max(changed[0] - 1, 0)
-        streams = verify.Streams(self.tokens)
-        streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
+        return new_args, changed
+
+    def _blocks_from_top(self, forms, new_args, changed, start, desc):
+        """(i, block as stored, its tensors in the block's order) for blocks `start`..
+        of `forms`, from the first written pass and, where `forms` keeps a basis, the
+        original's matrices stored the same way (see `_reuse`)."""
+        args, L, writer = self.ckpt.args, self.ckpt.args.num_hidden_layers, self.top[2]
         readers = set(map(projection, "qkv")) | (set(FFN_IN_LEAVES) if args.parallel_block else set())
         emitters = set(FFN_OUT_LEAVES) | ({projection("o")} if args.parallel_block else set())
-        for i in _progress(range(start, L), L - start, self.progress, "trying"):
+        for i in _progress(range(start, L), L - start, self.progress, desc):
             block = store(Block(new_args, forms[i]), self.target, self.quant)
             original = {}
             take = (readers if i in changed else set()) | (emitters if i + 1 in changed else set())
@@ -100,9 +152,7 @@ class Passes:
             tensors = [(k, original[k] if k.rsplit(".", 2)[-2] in take else writer.read(block_key(i, k)))
                        for k, _ in tree_flatten(block.parameters())]
             block.load_weights(tensors)
-            streams.step("converted_stored", block)
-            mx.clear_cache()
-        return streams.finish("converted_stored", shell)
+            yield i, block, tensors
 
     def _choose(self, plan, conds):
         """choose(i, block) for fusion.fuse_layers: the form and basis of block i."""

@@ -50,12 +50,14 @@ def preset_args(preset: str, layers=None) -> ModelArgs:
 
 
 def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool = False, progress=None,
-                     distinct: int = 0, drawn: Optional[dict] = None):
+                     distinct: int = 0, drawn: Optional[dict] = None, ill_conditioned: Optional[int] = None):
     """A llama-layout checkpoint of `args`, written one block at a time: skipless (declared
     so in config.json), or with `standard` a stock llama of the same shape (its two norms per
     block added), the model that mlx_lm convert handles. With `distinct` > 0 only that many
     random blocks are drawn and repeated in turn (drawing dominates writing on a small CPU);
-    `drawn`, a dict, keeps them and the embeddings for the next checkpoint of the shape."""
+    `drawn`, a dict, keeps them and the embeddings for the next checkpoint of the shape.
+    `ill_conditioned`: a layer whose Q gets condition number 1e4, which bfloat16 cannot
+    invert well: --remove auto's first plan is then over its budget (its worst case)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
     weight_map, drawn = {}, {} if drawn is None else drawn
@@ -86,6 +88,8 @@ def write_checkpoint(path: Path, args: ModelArgs, seed: int = 0, standard: bool 
             block = bf16(synthetic.random_block(args, rng, dtype=np.float32))
             if distinct:
                 drawn[j] = block
+        if i == ill_conditioned:
+            block = {**block, "self_attn.q_proj.weight": bf16({"q": _ill_conditioned(d, rng)})["q"]}
         save(shard(i), {f"model.layers.{i}.{k}": v for k, v in {**block, **norms}.items()})
         del block
         if progress:
@@ -113,6 +117,12 @@ def write_tokenizer(path: Path, vocab_size: int):
                                                             "unk_token": "w0", "eos_token": "w0"}))
 
 
+def _ill_conditioned(d: int, rng, cond: float = 1e4) -> np.ndarray:
+    U, _ = np.linalg.qr(rng.standard_normal((d, d), dtype=np.float32))
+    V, _ = np.linalg.qr(rng.standard_normal((d, d), dtype=np.float32))
+    return (U * np.geomspace(1, 1 / cond, d, dtype=np.float32)) @ V.T
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", type=Path, help="output directory (must not exist)")
@@ -122,6 +132,8 @@ def main(argv=None):
     p.add_argument("--standard", action="store_true", help="a stock llama of the same shape (with norms)")
     p.add_argument("--distinct", type=int, default=0,
                    help="draw only this many random blocks and repeat them (default 0: every block drawn)")
+    p.add_argument("--ill-conditioned", type=int, metavar="LAYER",
+                   help="give this layer's Q condition number 1e4 (--remove auto's worst case)")
     opts = p.parse_args(argv)
     if opts.path.exists():
         print(f"error: {opts.path} exists", file=sys.stderr)
@@ -129,6 +141,7 @@ def main(argv=None):
     args = preset_args(opts.preset, opts.layers)
     start = time.perf_counter()
     write_checkpoint(opts.path, args, opts.seed, opts.standard, distinct=opts.distinct,
+                     ill_conditioned=opts.ill_conditioned,
                      progress=lambda i: print(f"\rwrote block {i}/{args.num_hidden_layers} "
                                               f"({time.perf_counter() - start:.0f} s)", end="", flush=True))
     print(f"\n{opts.path}: {sum(f.stat().st_size for f in opts.path.iterdir()) / 1e9:.2f} GB")

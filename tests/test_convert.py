@@ -326,6 +326,43 @@ def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, q
         assert rel_err(reused, full["converted_stored"]) <= 1e-6
 
 
+@pytest.mark.parametrize("layer,quantize", [(1, False), (0, False), (1, True)])
+def test_auto_writes_its_chosen_plan_from_the_first_without_fusing_again(tmp_path, monkeypatch, layer, quantize):
+    # The first plan (every Q removed) is over the budget, as layer `layer`'s Q is ill-conditioned;
+    # the plan chosen instead is written from the first one's blocks: one fusion pass in all,
+    # and the weights and stored figures of fusing the chosen plan from scratch.
+    from mlx_skipless import verify
+    from mlx_skipless.loading import SkiplessCheckpoint
+
+    args, flat = hf.case("llama", num_hidden_layers=3, tie_word_embeddings=False)
+    rng = np.random.default_rng(1)
+    U, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    V, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    flat[f"model.layers.{layer}.self_attn.q_proj.weight"] = 2 * U @ np.diag(np.geomspace(1, 1e-4, 32)) @ V.T
+    src = hf.write(tmp_path / "src", "llama", args, flat, dtype=mx.bfloat16)
+    q = dict(quantize=True, q_bits=8, q_group_size=32) if quantize else {}
+    runs, run = [], Passes._run
+    monkeypatch.setattr(Passes, "_run", lambda self, *a: runs.append(a[0]) or run(self, *a))
+    report = convert(str(src), str(tmp_path / "auto"), **q, **quiet())
+    forms = [e["removed"] for e in report["layers"]]
+    assert forms[layer] == "p" and len(runs) == 1 and len(report["plan"]["trials"]) > 1
+
+    quant = {"group_size": 32, "bits": 8, "mode": "affine"} if quantize else None
+    stored_as = "bfloat16" + (", 8-bit (group 32)" if quantize else "")
+    full = Passes(SkiplessCheckpoint(str(src)), mx.bfloat16, quant, stored_as,
+                  verify.probe_tokens(args.vocab_size), False, np.float32)
+    (tmp_path / "full").mkdir()
+    written = full.write(tmp_path / "full", forms)
+    written.writer.close(0)
+    auto, scratch = mx.load(str(tmp_path / "auto/model.safetensors")), mx.load(str(tmp_path / "full/model.safetensors"))
+    assert auto.keys() == scratch.keys()
+    assert all(np.array_equal(np.array(auto[k].view(mx.uint8)), np.array(scratch[k].view(mx.uint8))) for k in auto)
+    v = report["verification"]
+    assert v["stored"]["converted"] == pytest.approx(written.verification["stored"]["converted"], rel=1e-6)
+    assert v["float32_plan"] == "first" and not v["degraded"]
+    assert [e.get("inverted") for e in report["layers"]] == [inv and inv.matrix for inv in written.inverted]
+
+
 def test_auto_plan_decided_block_by_block_settles_the_config(tmp_path):
     # Decided as blocks are read, a plan's config is provisional: parallel blocks with attention
     # biases gain FFN biases only if some layer loses Q. Here none can (every Q singular).

@@ -19,7 +19,8 @@ SKIPPED = {  # command prefix -> why it is not run here
     "pip install": "changes the environment (tests/test_install.py installs into a fresh venv)",
     "mlx_lm server": "serves until stopped (tests/test_generate.py runs the server)",
     "python scripts/bench_decode.py": "a benchmark: minutes of decoding",
-    "python scripts/make_checkpoint.py": "writes a 14.5 GB Mistral-7B-shaped checkpoint",
+    "python scripts/make_checkpoint.py": "writes synthetic checkpoints of 0.8 to 28 GB",
+    "python -m mlx_skipless.convert --hf-path big/": "converts those checkpoints (minutes to half an hour)",
     "LD_PRELOAD=": "the 7B-scale conversion and its benchmark: half an hour of fusing",
 }
 SCALED = [  # (pattern, replacement): the same command, a few seconds of training
