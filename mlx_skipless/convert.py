@@ -24,7 +24,7 @@ from .card import model_card
 from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer
 from .loading import SkiplessCheckpoint, check_quantization, load_tokenizer
 from .report import build_report, log_report
-from .streaming import Passes
+from .streaming import Passes, keep_freed_memory
 from .upload import upload
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
@@ -174,6 +174,7 @@ def main(opts):
     opts.update(q_mode=mode or "affine", q_bits=opts["q_bits"] or bits,
                 q_group_size=opts["q_group_size"] or group_size)
     opts["budget"] = verify.Budget(opts.pop("budget_kl_ratio"), opts.pop("budget_top1"))
+    keep_freed_memory()
     convert(**opts)
 
 
