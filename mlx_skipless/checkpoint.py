@@ -296,20 +296,16 @@ class ShardWriter:
         self.entries = []  # (key, dtype, shape, spool offset, nbytes)
         self.total_bytes = 0
 
-    def add(self, tensors: Dict[str, mx.array]):
+    def add(self, tensors: Dict[str, mx.array], dtype=None):
+        """MLX arrays, or with `dtype` numpy arrays as `as_stored` returns them for it."""
         for key, value in tensors.items():
-            raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value  # numpy has no bf16
-            self._append(key, SAFETENSORS_DTYPES[value.dtype], np.asarray(raw, order="C"))
-
-    def add_stored(self, tensors: Dict[str, np.ndarray], dtype):
-        """Numpy arrays as `as_stored` returns them for the MLX float `dtype`."""
-        for key, raw in tensors.items():
-            self._append(key, SAFETENSORS_DTYPES[dtype], np.asarray(raw, order="C"))
-
-    def _append(self, key: str, dtype: str, data: np.ndarray):
-        self.entries.append((key, dtype, list(data.shape), self.total_bytes, data.nbytes))
-        self.spool.write(memoryview(data).cast("B"))
-        self.total_bytes += data.nbytes
+            stored = SAFETENSORS_DTYPES[dtype or value.dtype]
+            if value.dtype == mx.bfloat16:
+                value = value.view(mx.uint16)  # numpy has no bfloat16
+            data = np.asarray(value, order="C")  # an MLX array's buffer is shared, not copied
+            self.entries.append((key, stored, list(data.shape), self.total_bytes, data.nbytes))
+            self.spool.write(memoryview(data).cast("B"))
+            self.total_bytes += data.nbytes
 
     def keys(self) -> List[str]:
         """The tensors added so far, in order."""

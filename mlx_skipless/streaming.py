@@ -247,10 +247,10 @@ class Passes:
             passed = others.pop(i)
             fused_flat = {**layout.layer_to_flat(fused, new_args), **passed}
             del fused
-            stored, written = self._store(new_args, i, fused_flat)
+            stored, tensors, dtype = self._store(new_args, i, fused_flat)
             if writer:
-                written(writer, i)
-            del written
+                writer.add({block_key(i, k): v for k, v in tensors.items()}, dtype)
+            del tensors
             if "converted_stored" in names:
                 streams.step("converted_stored", stored)
             del stored
@@ -274,20 +274,17 @@ class Passes:
 
     def _store(self, args, i, flat):
         """Block i of `args` holding float32 `flat`, as the output stores it: (a module
-        that computes as the stored block does, and `written(writer, i)`, which writes
-        it). Unquantized, the rounding is numpy's, and the module's products too: MLX
-        would copy every matrix in and out again."""
+        that computes as the stored block does, its tensors to write, and their dtype
+        for ShardWriter.add). Unquantized, the rounding is numpy's, and the module's
+        products too: MLX would copy every matrix in and out again."""
         block = Block(args, args.removed[i])  # lazy: allocates nothing
         if self.quant:
             stored = store(block_module(args, i, flat), self.target, self.quant)
-            tensors = dict(tree_flatten(stored.parameters()))
-            return stored, lambda writer, i: writer.add({block_key(i, k): v for k, v in tensors.items()})
-        order = [k for k, _ in tree_flatten(block.parameters())]  # the written order: MLX's
+            return stored, dict(tree_flatten(stored.parameters())), None
         raw, values = {}, {}
-        for k in order:
+        for k, _ in tree_flatten(block.parameters()):  # the order MLX would write them in
             raw[k], values[k] = as_stored(flat[k], self.target)
-        return (verify.on_numpy(block, values, self.target),
-                lambda writer, i: writer.add_stored({block_key(i, k): raw[k] for k in order}, self.target))
+        return verify.on_numpy(block, values, self.target), raw, self.target
 
 
 def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):
