@@ -20,8 +20,7 @@ SKIPPED = {  # command prefix -> why it is not run here
     "mlx_lm server": "serves until stopped (tests/test_generate.py runs the server)",
     "python scripts/bench_decode.py": "a benchmark: minutes of decoding",
     "python scripts/make_checkpoint.py": "writes synthetic checkpoints of 0.8 to 28 GB",
-    "python -m mlx_skipless.convert --hf-path big/": "converts those checkpoints (minutes to half an hour)",
-    "LD_PRELOAD=": "the 7B-scale conversion and its benchmark: half an hour of fusing",
+    "LD_PRELOAD=": "conversions of those checkpoints and their benchmarks: seconds to an hour of fusing",
 }
 SCALED = [  # (pattern, replacement): the same command, a few seconds of training
     (r"--config zoo/skipless-python.toml", "--config narrow.toml"),  # written by scaled_config
