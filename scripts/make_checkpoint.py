@@ -139,6 +139,10 @@ def main(argv=None):
         print(f"error: {opts.path} exists", file=sys.stderr)
         return 1
     args = preset_args(opts.preset, opts.layers)
+    if opts.ill_conditioned is not None and not 0 <= opts.ill_conditioned < args.num_hidden_layers:
+        print(f"error: --ill-conditioned {opts.ill_conditioned}: the model has layers 0 to "
+              f"{args.num_hidden_layers - 1}", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     write_checkpoint(opts.path, args, opts.seed, opts.standard, distinct=opts.distinct,
                      ill_conditioned=opts.ill_conditioned,

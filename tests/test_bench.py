@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
 
 
@@ -53,3 +55,16 @@ def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
     # CPU time too: on a shared machine it is what stays comparable
     assert out["floor_cpu_s_per_layer"] > 0 and out["slope_cpu_s_per_layer"] == out["runs"][1]["cpu_s"] - out["runs"][0]["cpu_s"]
     assert not list(tmp_path.iterdir())  # the checkpoints are removed
+
+
+def test_make_checkpoint_gives_one_layer_an_ill_conditioned_q(tmp_path):
+    from harness import load_script
+    from mlx_skipless.checkpoint import TensorSource
+
+    make = load_script("make_checkpoint")
+    assert make.main([str(tmp_path / "bad"), "--preset", "tiny", "--ill-conditioned", "2"]) == 1
+    assert not (tmp_path / "bad").exists()
+    assert make.main([str(tmp_path / "ic"), "--preset", "tiny", "--ill-conditioned", "1"]) == 0
+    source = TensorSource(tmp_path / "ic")
+    conds = [np.linalg.cond(source.float32(f"model.layers.{i}.self_attn.q_proj.weight")) for i in range(2)]
+    assert conds[0] < 10 and conds[1] > 1e3  # 1e4 as drawn; bfloat16 storage moves it
