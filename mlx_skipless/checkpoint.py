@@ -275,6 +275,15 @@ def as_stored(x: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:
     return raw, t.view(np.float32).reshape(x.shape)
 
 
+def stored_values(raw: np.ndarray, dtype) -> np.ndarray:
+    """The float32 values of `raw`, an array as `as_stored` returns it for `dtype`."""
+    if dtype == mx.bfloat16:
+        values = raw.astype(np.uint32)
+        values <<= 16
+        return values.view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
                       mx.uint32: "U32", mx.int32: "I32", mx.uint16: "U16", mx.int16: "I16",
                       mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint64: "U64",
@@ -313,13 +322,17 @@ class ShardWriter:
 
     def read(self, key: str) -> mx.array:
         """A tensor added earlier, read back from the spool (for passes that reuse it)."""
+        raw, stored = self.read_raw(key)
+        return mx.array(raw).view(mx.bfloat16) if stored == mx.bfloat16 else mx.array(raw)
+
+    def read_raw(self, key: str) -> Tuple[np.ndarray, mx.Dtype]:
+        """A tensor added earlier as numpy reads its bytes (bfloat16: uint16, as
+        `as_stored` gives it), and its MLX dtype."""
         self.spool.flush()
         _, dtype, shape, start, nbytes = next(e for e in self.entries if e[0] == key)
         stored = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
         raw = np.fromfile(self.spool_path, np.uint8, nbytes, offset=start)
-        if stored == mx.bfloat16:
-            return mx.array(raw.view(np.uint16)).view(mx.bfloat16).reshape(shape)
-        return mx.array(raw).view(stored).reshape(shape)
+        return raw.view(STORED[dtype]).reshape(shape), stored
 
     def discard(self):
         self.spool.close()

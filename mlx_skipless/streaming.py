@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import fusion, layout, verify
-from .checkpoint import ShardWriter, as_stored
+from .checkpoint import ShardWriter, as_stored, stored_values
 from .loading import block_module, shell_module, store
 from .models.skipless import Block, Model
 from .names import (EMBED, EMBED_TOKENS, FFN_IN_LEAVES, FFN_OUT_LEAVES, HEAD, POSITIONS, block_key, is_norm,
@@ -104,8 +104,8 @@ class Passes:
             embedding = {k.rsplit(".", 1)[0] for k in (EMBED, POSITIONS)}
             shell.update({k: v for k, v in original.items() if k.rsplit(".", 1)[0] in embedding})
         writer.add(shell)
-        for i, _, tensors in self._blocks_from_top(forms, new_args, changed, 0, "writing"):
-            writer.add({block_key(i, k): v for k, v in tensors})
+        for i, _, tensors, dtype in self._blocks_from_top(forms, new_args, changed, 0, "writing"):
+            writer.add({block_key(i, k): v for k, v in tensors.items()}, dtype)
         old.discard()
         self.top = None
         v = dict(first.verification, stored={**first.verification["stored"], "converted": measured})
@@ -134,7 +134,7 @@ class Passes:
         start = max(changed[0] - 1, 0)
         streams = verify.Streams(self.tokens)
         streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
-        for _, block, _ in self._blocks_from_top(forms, new_args, changed, start, "trying"):
+        for _, block, _, _ in self._blocks_from_top(forms, new_args, changed, start, "trying"):
             streams.step("converted_stored", block)
             mx.clear_cache()
         return streams.finish("converted_stored", shell)
@@ -155,23 +155,30 @@ class Passes:
         return new_args, changed
 
     def _blocks_from_top(self, forms, new_args, changed, start, desc):
-        """(i, block as stored, its tensors in the block's order) for blocks `start`..
-        of `forms`, from the first written pass and, where `forms` keeps a basis, the
-        original's matrices stored the same way (see `_reuse`)."""
+        """(i, block as stored, its tensors and their dtype as `_store` gives them) for
+        blocks `start`.. of `forms`, from the first written pass and, where `forms` keeps
+        a basis, the original's matrices stored the same way (see `_reuse`)."""
         args, L, writer = self.ckpt.args, self.ckpt.args.num_hidden_layers, self.top[2]
         readers = set(map(projection, "qkv")) | (set(FFN_IN_LEAVES) if args.parallel_block else set())
         emitters = set(FFN_OUT_LEAVES) | ({projection("o")} if args.parallel_block else set())
         for i in _progress(range(start, L), L - start, self.progress, desc):
-            block = store(Block(new_args, forms[i]), self.target, self.quant)
-            original = {}
             take = (readers if i in changed else set()) | (emitters if i + 1 in changed else set())
-            if take:
-                original = dict(tree_flatten(store(block_module(args, i, self.ckpt.layer(i, np.float32)),
-                                                   self.target, self.quant).parameters()))
-            tensors = [(k, original[k] if k.rsplit(".", 2)[-2] in take else writer.read(block_key(i, k)))
-                       for k, _ in tree_flatten(block.parameters())]
-            block.load_weights(tensors)
-            yield i, block, tensors
+            original = self._store(args, i, self.ckpt.layer(i, np.float32))[1] if take else {}
+            block = Block(new_args, forms[i])  # lazy: allocates nothing
+            if self.quant:
+                block = store(block, self.target, self.quant)  # its tensors: with scales and biases
+            tensors = {k: original[k] if k.rsplit(".", 2)[-2] in take else self._reread(writer, block_key(i, k))
+                       for k, _ in tree_flatten(block.parameters())}
+            if self.quant:
+                block.load_weights(list(tensors.items()))
+                yield i, block, tensors, None
+            else:
+                values = {k: stored_values(v, self.target) for k, v in tensors.items()}
+                yield i, verify.on_numpy(block, values, self.target), tensors, self.target
+
+    def _reread(self, writer, key):
+        """A tensor the first pass wrote, as `_store` gave it."""
+        return writer.read(key) if self.quant else writer.read_raw(key)[0]
 
     def _choose(self, plan, conds):
         """choose(i, block) for fusion.fuse_layers: the form and basis of block i."""
