@@ -309,7 +309,7 @@ class ShardWriter:
         """MLX arrays, or with `dtype` numpy arrays as `as_stored` returns them for it."""
         for key, value in tensors.items():
             stored = SAFETENSORS_DTYPES[dtype or value.dtype]
-            if value.dtype == mx.bfloat16:
+            if dtype is None and value.dtype == mx.bfloat16:
                 value = value.view(mx.uint16)  # numpy has no bfloat16
             data = np.asarray(value, order="C")  # an MLX array's buffer is shared, not copied
             self.entries.append((key, stored, list(data.shape), self.total_bytes, data.nbytes))

@@ -163,7 +163,9 @@ class Passes:
         emitters = set(FFN_OUT_LEAVES) | ({projection("o")} if args.parallel_block else set())
         for i in _progress(range(start, L), L - start, self.progress, desc):
             take = (readers if i in changed else set()) | (emitters if i + 1 in changed else set())
-            original = self._store(args, i, self.ckpt.layer(i, np.float32))[1] if take else {}
+            flat = self.ckpt.layer(i, np.float32) if take else {}
+            original = (self._store(args, i, flat)[1] if self.quant and take else  # quantized as a whole block
+                        {k: as_stored(v, self.target)[0] for k, v in flat.items() if k.rsplit(".", 2)[-2] in take})
             block = Block(new_args, forms[i])  # lazy: allocates nothing
             if self.quant:
                 block = store(block, self.target, self.quant)  # its tensors: with scales and biases
@@ -277,7 +279,6 @@ class Passes:
             entering[-1] = embedded  # where a plan that changes layer 0 starts
             self.top = (list(new_args.removed), new_args, writer, entering, shells["converted_stored"])
         return list(new_args.removed), new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
-
 
     def _store(self, args, i, flat):
         """Block i of `args` holding float32 `flat`, as the output stores it: (a module
