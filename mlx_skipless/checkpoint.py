@@ -248,6 +248,9 @@ class TensorSource:
         return FLOATING.get(t.dtype, t.dtype)
 
 
+ROUNDING_CHUNK = 1 << 16  # elements: 256 KB of float32, within a core's L2 cache
+
+
 def as_stored(x: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:
     """`x` stored in the MLX float `dtype`, rounded to nearest (ties to even) as MLX's
     cast rounds: (the array whose bytes are written, its values as float32). Numpy does
@@ -261,18 +264,27 @@ def as_stored(x: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:
         return raw, raw.astype(np.float32)
     if dtype != mx.bfloat16:
         raise ValueError(f"not a float dtype to store weights in: {dtype}")
-    halves = x.reshape(-1).view(np.uint16).reshape(-1, 2)  # (low, high): MLX hosts are little-endian
-    if not halves[:, 0].any():  # read from bfloat16, as most checkpoints are: stored as it is
-        return np.ascontiguousarray(halves[:, 1]).reshape(x.shape), x
     bits = x.reshape(-1).view(np.uint32)
-    t = bits >> 16
-    t &= 1
-    t += 0x7FFF  # what rounds the upper half to nearest, ties to even
-    t += bits
-    t >>= 16
-    raw = t.astype(np.uint16).reshape(x.shape)
-    t <<= 16
-    return raw, t.view(np.float32).reshape(x.shape)
+    # Read from bfloat16, as most checkpoints are, x is stored as it is: its low halves are zero
+    # (piece by piece, so a product, whose first piece says no, costs nothing to tell).
+    if not any(np.any(bits[s : s + ROUNDING_CHUNK] & 0xFFFF) for s in range(0, bits.size, ROUNDING_CHUNK)):
+        halves = bits.view(np.uint16).reshape(-1, 2)  # (low, high): MLX hosts are little-endian
+        return np.ascontiguousarray(halves[:, 1]).reshape(x.shape), x
+    raw, values = np.empty(bits.size, np.uint16), np.empty(bits.size, np.uint32)
+    t = np.empty(min(bits.size, ROUNDING_CHUNK), np.uint32)
+    # A piece at a time: the five passes run in cache instead of over a block-sized array
+    # in memory each (4-8x faster at 7B shapes, where a block is 0.9 GB in float32).
+    for s in range(0, bits.size, ROUNDING_CHUNK):
+        b = bits[s : s + ROUNDING_CHUNK]
+        r = t[: b.size]
+        np.right_shift(b, 16, out=r)
+        r &= 1
+        r += 0x7FFF  # what rounds the upper half to nearest, ties to even
+        r += b
+        r >>= 16
+        raw[s : s + b.size] = r
+        np.left_shift(r, 16, out=values[s : s + b.size])
+    return raw.reshape(x.shape), values.view(np.float32).reshape(x.shape)
 
 
 def stored_values(raw: np.ndarray, dtype) -> np.ndarray:
@@ -288,22 +300,32 @@ SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
                       mx.uint32: "U32", mx.int32: "I32", mx.uint16: "U16", mx.int16: "I16",
                       mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint64: "U64",
                       mx.bool_: "BOOL"}
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 1 << 20  # a copy holds this much at a time
+# Each shard's file starts with this much room for its header (about 100 bytes a tensor);
+# below COMPACT_BELOW bytes of tensors a shard is rewritten without it, which costs nothing.
+HEADER_ROOM, COMPACT_BELOW = 1 << 16, 64 << 20
 
 
 class ShardWriter:
     """Writes tensors as they come into mlx-lm's layout: model.safetensors, or
     model-0000i-of-0000N.safetensors shards of at most 5 GB plus the index.
 
-    Tensor bytes go to a spool file at once, so memory holds one tensor, never a
-    shard; `close` writes each shard's header and copies its bytes in."""
+    A tensor's bytes go at once into its shard's file, behind room left for the
+    header, so memory holds one tensor, never a shard, and the disk holds the model
+    once. `close` writes each header into its room (safetensors lets a header end in
+    spaces) and names the files; a shard too small to be worth the room, or whose
+    header outgrows it, is copied out compactly instead."""
 
-    def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES, spool: str = "tensors.spool"):
-        self.directory, self.max_bytes = Path(directory), max_bytes
-        self.spool_path = self.directory / spool
-        self.spool = open(self.spool_path, "wb")
-        self.entries = []  # (key, dtype, shape, spool offset, nbytes)
-        self.total_bytes = 0
+    def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES, prefix: str = "tensors",
+                 header_room: int = HEADER_ROOM, compact_below: int = COMPACT_BELOW):
+        self.directory, self.max_bytes, self.prefix = Path(directory), max_bytes, prefix
+        self.header_room, self.compact_below = header_room, compact_below
+        self.files = []  # one open partial file per shard
+        self.entries = []  # (key, dtype, shape, shard, offset in its data, nbytes)
+        self.total_bytes = self.shard_bytes = 0
+
+    def _partial(self, shard: int) -> Path:
+        return self.directory / f"{self.prefix}-{shard + 1}.partial"
 
     def add(self, tensors: Dict[str, mx.array], dtype=None):
         """MLX arrays, or with `dtype` numpy arrays as `as_stored` returns them for it."""
@@ -312,77 +334,78 @@ class ShardWriter:
             if dtype is None and value.dtype == mx.bfloat16:
                 value = value.view(mx.uint16)  # numpy has no bfloat16
             data = np.asarray(value, order="C")  # an MLX array's buffer is shared, not copied
-            self.entries.append((key, stored, list(data.shape), self.total_bytes, data.nbytes))
-            self.spool.write(memoryview(data).cast("B"))
+            if not self.files or (self.shard_bytes and self.shard_bytes + data.nbytes > self.max_bytes):
+                if self.files:
+                    self.files[-1].flush()
+                self.files.append(open(self._partial(len(self.files)), "w+b"))
+                self.files[-1].seek(self.header_room)
+                self.shard_bytes = 0
+            self.entries.append((key, stored, list(data.shape), len(self.files) - 1, self.shard_bytes, data.nbytes))
+            self.files[-1].write(memoryview(data).cast("B"))
+            self.shard_bytes += data.nbytes
             self.total_bytes += data.nbytes
+        if self.files:
+            self.files[-1].flush()  # what was added is on disk, to be read back
 
     def keys(self) -> List[str]:
         """The tensors added so far, in order."""
         return [e[0] for e in self.entries]
 
     def read(self, key: str) -> mx.array:
-        """A tensor added earlier, read back from the spool (for passes that reuse it)."""
+        """A tensor added earlier, read back (for passes that reuse it)."""
         raw, stored = self.read_raw(key)
         return mx.array(raw).view(mx.bfloat16) if stored == mx.bfloat16 else mx.array(raw)
 
     def read_raw(self, key: str) -> Tuple[np.ndarray, mx.Dtype]:
         """A tensor added earlier as numpy reads its bytes (bfloat16: uint16, as
         `as_stored` gives it), and its MLX dtype."""
-        self.spool.flush()
-        _, dtype, shape, start, nbytes = next(e for e in self.entries if e[0] == key)
+        _, dtype, shape, shard, start, nbytes = next(e for e in self.entries if e[0] == key)
         stored = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
-        raw = np.fromfile(self.spool_path, np.uint8, nbytes, offset=start)
+        raw = np.fromfile(self._partial(shard), np.uint8, nbytes, offset=self.header_room + start)
         return raw.view(STORED[dtype]).reshape(shape), stored
 
     def discard(self):
-        self.spool.close()
-        self.spool_path.unlink()
-
-    def _shards(self):
-        shards, size = [[]], 0
-        for entry in self.entries:
-            if shards[-1] and size + entry[4] > self.max_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(entry)
-            size += entry[4]
-        return shards
+        for i, f in enumerate(self.files):
+            f.close()
+            self._partial(i).unlink()
+        self.files = []
 
     def close(self, total_parameters: int):
-        self.spool.close()
-        shards, weight_map = self._shards(), {}
-        # Last shard first, cutting the spool behind each: the disk holds the model once plus
-        # one shard, not twice (for a model near the free space, the difference is the run).
-        with open(self.spool_path, "r+b") as spool:
-            for i in reversed(range(len(shards))):
-                entries = shards[i]
-                name = ("model.safetensors" if len(shards) == 1
-                        else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-                self._write_shard(self.directory / name, entries, spool)
-                weight_map.update({e[0]: name for e in entries})
-                spool.truncate(entries[0][3])
-        self.spool_path.unlink()
+        n, weight_map = len(self.files), {}
+        for i, f in enumerate(self.files):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self._finish_shard(f, [e for e in self.entries if e[3] == i], self.directory / name)
+            self._partial(i).replace(self.directory / name)
+            weight_map.update({e[0]: name for e in self.entries if e[3] == i})
+        self.files = []
         index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
-    @staticmethod
-    def _write_shard(path: Path, entries, spool):
-        header, offset = {"__metadata__": {"format": "mlx"}}, 0
-        for key, dtype, shape, _, nbytes in entries:
+    def _finish_shard(self, f, entries, final: Path):
+        """Write the header into the room left for it, or copy the data out behind a
+        compact one (then the partial file holds the finished shard too)."""
+        header = {"__metadata__": {"format": "mlx"}}
+        for key, dtype, shape, _, offset, nbytes in entries:
             header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
+        data_bytes = sum(e[5] for e in entries)
+        if 8 + len(blob) <= self.header_room and data_bytes >= self.compact_below:
+            f.seek(0)
+            f.write((self.header_room - 8).to_bytes(8, "little"))
+            f.write(blob.ljust(self.header_room - 8))
+            f.close()
+            return
         blob += b" " * (-len(blob) % 8)  # the format aligns data to 8 bytes
-        with open(path, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for _, _, _, start, nbytes in entries:
-                spool.seek(start)
-                while nbytes:
-                    chunk = spool.read(min(nbytes, COPY_CHUNK))
-                    f.write(chunk)
-                    nbytes -= len(chunk)
+        f.flush()
+        compact = final.with_name(final.name + ".compact")
+        with open(compact, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            f.seek(self.header_room)
+            shutil.copyfileobj(f, out, COPY_CHUNK)
+        f.close()
+        compact.replace(f.name)
 
 
 WRITER_KEY = "mlx_skipless"  # config.json entry marking a directory this tool wrote

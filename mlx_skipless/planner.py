@@ -40,7 +40,7 @@ def storage_roundoff(dtype: str, q_bits: Optional[int] = None) -> float:
 def condition_numbers(ckpt) -> list:
     """Per layer {"q": cond(Q), ...} for every square projection of a checkpoint, as the conversion reports them."""
     square = fusion.square_projections(ckpt.args)
-    return [{m: fusion.inverse_and_condition(layer[attention(m) + ".weight"])[1] for m in square}
+    return [{m: fusion.factor_and_condition(layer[attention(m) + ".weight"])[1] for m in square}
             for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
 
 

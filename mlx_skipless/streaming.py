@@ -96,7 +96,7 @@ class Passes:
             return None
         new_args, changed = plan
         old = self.top[2]
-        writer = ShardWriter(staging, spool="rewrite.spool")  # the first pass's spool is read meanwhile
+        writer = ShardWriter(staging, prefix="rewrite")  # beside the first pass's files, read meanwhile
         shell = {k: old.read(k) for k in old.keys() if split_block_key(k) is None}
         if 0 in changed:  # block 0 keeps its basis: the embeddings are the original's, as stored
             original = dict(tree_flatten(store(shell_module(self.ckpt.args, self.ckpt.globals()),

@@ -14,7 +14,7 @@ other work shares the CPU, wall time follows the load, and the CPU-time ratio is
 one to compare between runs (OPENBLAS_NUM_THREADS=1 keeps idle BLAS threads from
 spinning on a busy machine).
 
-    python scripts/bench_convert.py --preset mistral-7b     # 1 and 3 layers; ~5 min on 2 cores
+    python scripts/bench_convert.py --preset mistral-7b     # 2 and 6 layers; ~5 min on 2 cores
     python scripts/bench_convert.py                         # TinyLlama blocks: 2, 8, 20 layers
     python scripts/bench_convert.py --layers 2 4 --no-verify --json
 """
@@ -34,8 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from make_checkpoint import PRESETS, preset_args, write_checkpoint  # noqa: E402
 
 from mlx_skipless import counting  # noqa: E402
+from mlx_skipless.verify import PROBE_TOKENS  # noqa: E402
 
-DEFAULT_LAYERS = {"mistral-7b": [1, 3]}  # two layers apart: half the noise of one
+VERIFIED_MODELS = 4  # original and converted, each in float32 and as stored
+
+# Four layers apart, and both past the first two blocks, during which the process's heap grows
+# to what a block needs (fresh pages cost most on a virtual machine): the steady cost per layer.
+DEFAULT_LAYERS = {"mistral-7b": [2, 6]}
 PEAK = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)"
 # CPU seconds of every thread: on a CPU shared with other work, wall time says how busy the
 # machine was; CPU time says what the conversion cost, and its ratio to the floor's keeps.
@@ -74,11 +79,11 @@ def child(code: str, *argv) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def gemm_rate(d: int, f: int, repeats: int = 2) -> tuple:
-    """numpy's float32 GEMM rate on the (d x d) @ (d x f) product fusion forms, best of
+def gemm_rate(d: int, f: int, repeats: int = 2, dtype=np.float32) -> tuple:
+    """numpy's GEMM rate on the (d x d) @ (d x f) product fusion forms, best of
     `repeats`: (FLOP per wall second, FLOP per CPU second of all its threads)."""
     rng = np.random.default_rng(0)
-    A, B = rng.standard_normal((d, d), dtype=np.float32), rng.standard_normal((d, f), dtype=np.float32)
+    A, B = rng.standard_normal((d, d), dtype=dtype), rng.standard_normal((d, f), dtype=dtype)
     wall = cpu = float("inf")
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
@@ -110,7 +115,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="tinyllama", help="the block shape")
     p.add_argument("--layers", type=int, nargs="+",
-                   help="depths to convert (default: 1 2 for mistral-7b, else 2 8 20)")
+                   help="depths to convert (default: 2 6 for mistral-7b, else 2 8 20)")
     p.add_argument("--remove", default="auto", choices=["auto", "q", "k", "v"])
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--mlx-lm", action=argparse.BooleanOptionalAction, default=True,
@@ -141,9 +146,16 @@ def main():
     rates.append(gemm_rate(d, f))  # before and after: the machine may be shared
     rate, cpu_rate = (float(np.mean(r)) for r in zip(*rates))
     floor, cpu_floor = 3 * 2 * d * d * f / rate, 3 * 2 * d * d * f / cpu_rate
+    # What else the converter must compute, at least: Q factored and K, V solved with it in
+    # float64, and the probe pushed through the four models compared.
+    rate64 = gemm_rate(d, f, dtype=np.float64)[0]
+    kv = 2 * a.num_key_value_heads * a.head_dim
+    solve_s = (2 / 3 * d**3 + 2 * d * d * kv) / rate64
+    verify_s = VERIFIED_MODELS * 2 * PROBE_TOKENS * rows[0]["block_parameters"] / rate if opts.verify else 0.0
     summary = {"preset": opts.preset, "remove": opts.remove, "verify": opts.verify,
                "gemm_float32_flops": [r[0] for r in rates], "gemm_float32_flops_per_cpu_s": [r[1] for r in rates],
-               "floor_s_per_layer": floor, "floor_cpu_s_per_layer": cpu_floor}
+               "floor_s_per_layer": floor, "floor_cpu_s_per_layer": cpu_floor, "gemm_float64_flops": rate64,
+               "float64_solve_s_per_layer": solve_s, "verification_s_per_layer": verify_s}
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         summary["slope_s_per_layer"] = (hi["wall_s"] - lo["wall_s"]) / (hi["layers"] - lo["layers"])
@@ -153,6 +165,10 @@ def main():
         if "mlx_lm" in lo:
             summary["mlx_lm_slope_s_per_layer"] = ((hi["mlx_lm"]["wall_s"] - lo["mlx_lm"]["wall_s"])
                                                    / (hi["layers"] - lo["layers"]))
+            # The floor as the issue of record defines it: the products plus the reading and
+            # writing that mlx_lm convert also does.
+            summary["floor_with_io_s_per_layer"] = floor + max(summary["mlx_lm_slope_s_per_layer"], 0.0)
+            summary["slope_over_floor_with_io"] = summary["slope_s_per_layer"] / summary["floor_with_io_s_per_layer"]
     if opts.json:
         print(json.dumps({"baseline_rss_bytes": baseline["peak_rss_bytes"], **summary, "runs": rows}, indent=2))
         return
@@ -162,8 +178,13 @@ def main():
     if "slope_s_per_layer" in summary:
         print(f"per-layer slope: {summary['slope_s_per_layer']:.1f} s = {summary['slope_over_floor']:.2f}x the floor"
               f" ({summary['slope_cpu_s_per_layer']:.1f} CPU s = {summary['cpu_slope_over_floor']:.2f}x in CPU time)"
-              + (f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s"
-                 if "mlx_lm_slope_s_per_layer" in summary else ""))
+              + (f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s, and with it added to the "
+                 f"floor {summary['slope_over_floor_with_io']:.2f}x" if "mlx_lm_slope_s_per_layer" in summary else ""))
+    print(f"also computed a layer, at the least: Q's float64 factorization and K, V's solve (2/3·d³ + 2·d²·{kv} "
+          f"FLOP at numpy float64 {rate64 / 1e9:.1f} GFLOP/s) {solve_s:.1f} s"
+          + (f", the probe ({PROBE_TOKENS} tokens) through {VERIFIED_MODELS} models' blocks {verify_s:.1f} s"
+             if opts.verify else "")
+          + f": floor and these alone {(floor + solve_s + verify_s) / floor:.2f}x the floor")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
     assert out["floor_s_per_layer"] > 0 and out["slope_s_per_layer"] == out["runs"][1]["wall_s"] - out["runs"][0]["wall_s"]
     # CPU time too: on a shared machine it is what stays comparable
     assert out["floor_cpu_s_per_layer"] > 0 and out["slope_cpu_s_per_layer"] == out["runs"][1]["cpu_s"] - out["runs"][0]["cpu_s"]
+    # and what else the converter must compute, at the least: float64 solves and verification
+    assert out["float64_solve_s_per_layer"] > 0 and out["verification_s_per_layer"] > 0
     assert not list(tmp_path.iterdir())  # the checkpoints are removed
 
 

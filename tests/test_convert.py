@@ -373,7 +373,7 @@ def test_auto_plan_decided_block_by_block_settles_the_config(tmp_path):
     report = convert(str(src), str(tmp_path / "out"), **quiet())
     assert [e["removed"] for e in report["layers"]] == ["", ""]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["mlp_bias"] is False and not list(tmp_path.glob("out/*.spool"))
+    assert config["mlp_bias"] is False and not list(tmp_path.glob("out/*.partial"))
     model, _ = load_model(str(tmp_path / "out"))
     t = tokens()
     assert rel_err(logits(model, t), reference_logits(args, flat, t)) <= 1e-5

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import reference
 from harness import build, fused_model, logits, rel_err, tiny_args, tokens
-from mlx_skipless import fusion, layout, synthetic
+from mlx_skipless import fusion, layout, linalg, synthetic
 
 TOL = 1e-5
 ATTENTION = {"mha": 4, "mqa": 1, "gqa": 2}  # num_key_value_heads with 4 heads
@@ -153,14 +153,31 @@ def test_condition_numbers_are_reported_per_inverted_matrix():
 
 
 @pytest.mark.parametrize("noise", [0.3, 3.0])
-def test_condition_number_estimate_from_the_inverse_matches_the_svd(monkeypatch, noise):
-    # Above EXACT_COND_SIZE the figure comes from the inverse fusion takes anyway.
+def test_condition_number_estimate_from_the_factors_matches_the_svd(monkeypatch, noise):
+    # Above EXACT_COND_SIZE the figure comes from the factorization fusion takes anyway.
     monkeypatch.setattr(fusion, "EXACT_COND_SIZE", 16)
     rng = np.random.default_rng(0)
     W = np.eye(128) + noise * rng.standard_normal((128, 128)) / np.sqrt(128)
-    estimate = fusion.condition_number(W, np.linalg.inv(W))
+    estimate = fusion.condition_number(W, linalg.lu_factor(W))
     assert estimate == pytest.approx(np.linalg.cond(W), rel=0.03)
-    assert fusion.inverse_and_condition(W)[1] == estimate  # the figure fidelity reports is the converter's
+    assert fusion.factor_and_condition(W)[1] == estimate  # the figure fidelity reports is the converter's
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6, 1e12, 1e20])
+def test_condition_estimate_of_ill_conditioned_and_singular_matrices(monkeypatch, cond):
+    """float32 factors would blur ‖B⁻¹‖ past 1/2⁻²⁴: the estimate then comes from the
+    float64 ones, so a nearly singular matrix is still called so."""
+    monkeypatch.setattr(fusion, "EXACT_COND_SIZE", 16)
+    rng = np.random.default_rng(1)
+    U, V = (np.linalg.qr(rng.standard_normal((96, 96)))[0] for _ in range(2))
+    W = (U * np.logspace(0, -np.log10(cond), 96)) @ V.T
+    estimate = fusion.factor_and_condition(W)[1]
+    if cond < 1e15:
+        assert estimate == pytest.approx(np.linalg.cond(W), rel=0.03)
+    else:  # numerically singular in float64: only "past SINGULAR_COND" is meaningful
+        assert estimate > fusion.SINGULAR_COND
+    W[:, 5] = 0  # exactly singular
+    assert fusion.factor_and_condition(W)[1] == np.inf
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -1,13 +1,13 @@
 """Conversion streams: memory follows one block, not the model, so checkpoints larger than RAM
 convert (the figures at scale are in the README); and the writer never needs the model twice on disk."""
 
-import os
 import sys
 import tracemalloc
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlx_skipless.checkpoint import ShardWriter
 from mlx_skipless.convert import convert
@@ -45,19 +45,36 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     assert deep - shallow < block_bytes / 2, (shallow, deep, block_bytes)
 
 
-def test_writer_cuts_the_spool_as_it_writes_shards(tmp_path, monkeypatch):
-    sizes = []
-    write_shard = ShardWriter._write_shard
-
-    def spy(path, entries, spool):
-        sizes.append((os.fstat(spool.fileno()).st_size, entries[-1][3] + entries[-1][4]))
-        write_shard(path, entries, spool)
-
-    monkeypatch.setattr(ShardWriter, "_write_shard", staticmethod(spy))
-    writer = ShardWriter(tmp_path, max_bytes=2 * 16 * 16 * 4)
-    writer.add({f"t{i}": mx.array(np.full((16, 16), i, np.float32)) for i in range(5)})
+@pytest.mark.parametrize("compact_below", [0, 1 << 20])
+def test_writer_puts_each_tensor_in_its_shard_at_once(tmp_path, compact_below):
+    """Tensors go straight into their shards' files: the disk never holds a second copy
+    of the model. Large shards get their header written into the room left for it (no
+    copy: the file written is the shard); small ones are copied out compactly."""
+    tensors = {f"t{i}": mx.array(np.full((16, 16), i, np.float32)) for i in range(5)}
+    writer = ShardWriter(tmp_path, max_bytes=2 * 16 * 16 * 4, header_room=4096, compact_below=compact_below)
+    writer.add(tensors)
+    partial = sorted(tmp_path.glob("*.partial"))
+    assert len(partial) == 3 and sum(p.stat().st_size for p in partial) == 3 * 4096 + 5 * 16 * 16 * 4
+    inodes = [p.stat().st_ino for p in partial]
+    np.testing.assert_array_equal(np.array(writer.read("t3")), np.array(tensors["t3"]))
     writer.close(total_parameters=5 * 256)
-    # Each shard is copied out of a spool that ends where that shard's bytes end: the
-    # shards after it are already gone from it, so the disk holds the model once plus a shard.
-    assert len(sizes) == 3 and all(size == end for size, end in sizes)
-    assert not list(tmp_path.glob("*.spool"))
+    shards = [tmp_path / f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    in_place = [s.stat().st_ino for s in shards] == inodes
+    assert in_place == (compact_below == 0) and not list(tmp_path.glob("*.partial"))
+    sizes = [s.stat().st_size for s in shards]
+    # A shard stored in place keeps its room (safetensors lets a header end in spaces).
+    assert sizes == [4096 + 2048, 4096 + 2048, 4096 + 1024] if in_place else max(sizes) < 4096
+    loaded = {}
+    for s in shards:
+        loaded.update(mx.load(str(s)))
+    assert all(mx.array_equal(loaded[k], v).item() for k, v in tensors.items())
+
+
+def test_writer_copies_a_shard_whose_header_outgrows_its_room(tmp_path):
+    tensors = {f"a_long_name_for_tensor_{i}": mx.array(np.full(4, i, np.float32)) for i in range(40)}
+    writer = ShardWriter(tmp_path, header_room=256, compact_below=0)
+    writer.add(tensors)
+    writer.close(total_parameters=160)
+    loaded = mx.load(str(tmp_path / "model.safetensors"))
+    assert all(mx.array_equal(loaded[k], v).item() for k, v in tensors.items())
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.compact"))
