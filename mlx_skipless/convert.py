@@ -1,7 +1,8 @@
 """python -m mlx_skipless.convert: fuse a skipless checkpoint into its reduced form.
 
 Reads a Hugging Face skipless checkpoint block by block (each block once), fuses
-(inverses in float64; the other products in float32 unless the output is float32),
+(a matrix to invert is factored, and solved with, in float64; the other
+products in float32 unless the output is float32, on the GPU of Apple silicon),
 writes an mlx-lm model directory, and verifies the result as it goes: the
 original and the converted model advance through the same probe tokens one
 block at a time, their matrix products on numpy's BLAS, so peak memory stays
@@ -24,7 +25,7 @@ from .card import model_card
 from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer
 from .loading import SkiplessCheckpoint, check_quantization, load_tokenizer
 from .report import build_report, log_report
-from .streaming import Passes, keep_freed_memory
+from .streaming import Passes, keep_freed_memory, products_for
 from .upload import upload
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"
@@ -75,9 +76,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
 
     merge_p = "p" if fusion.merges_p(args) else ""
     tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
-    # Products that invert nothing need float64 only for a float32 output.
-    products = np.float64 if dtype == "float32" and not quant else np.float32
-    passes = Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress, products)
+    passes = Passes(ckpt, verify.DTYPES[dtype], quant, stored_as, tokens, progress, products_for(dtype, quant))
     unit = planner.storage_roundoff(dtype, q_bits if quant else None)
     plan = planner.first_plan(remove, merge_p, args.num_hidden_layers, unit, measured=verify_output)
 

@@ -6,9 +6,10 @@ fields. `layout.py` moves weights between this form and MLX/Hugging Face tensors
 
 Precision goes where conditioning amplifies error: every factorization of a
 matrix to invert, and every solve with one, is taken in float64. The products that invert nothing (P into
-the FFN inputs, the next block's basis into the FFN output, the embedding) take
-`dtype`: float64 for a float32 output, float32 (accumulating inputs that are
-themselves bf16/f16 values) when the output is stored coarser than that.
+the FFN inputs, the next block's basis into the FFN output, the embedding) are taken as
+`Products` say: in float64 for a float32 output, in float32 (accumulating inputs
+that are themselves bf16/f16 values) when the output is stored coarser than that,
+by numpy or by a matrix multiply the caller hands in (an accelerator's).
 
 One mechanism covers every form. Block i may choose a *basis* T_i, the affine
 map x -> x·B + c of one of its square projections (Q, K or V). The previous
@@ -41,6 +42,18 @@ class FusionError(ValueError):
     """A fusion that cannot be done exactly; the message names layer and matrix."""
 
 
+class Products(NamedTuple):
+    """How the products that invert nothing are taken: in `dtype`, by `matmul`."""
+
+    dtype: type = np.float64
+    matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul
+
+
+def as_products(products) -> Products:
+    """Products, or a bare dtype: numpy's matmul in that dtype."""
+    return products if isinstance(products, Products) else Products(products)
+
+
 class Affine(NamedTuple):
     """x -> x·W + b. W is (..., in, out): a leading axis stacks MoE experts."""
 
@@ -54,10 +67,11 @@ class Affine(NamedTuple):
         b = np.zeros(W.shape[:-2] + W.shape[-1:]) if b is None else np.asarray(b, np.float64)
         return cls(W, b)
 
-    def then(self, other: "Affine", dtype=np.float64) -> "Affine":
-        """x -> other(self(x)), the products (the bias's too) taken in `dtype`."""
-        M = np.asarray(other.W, dtype)
-        return Affine(_product(np.asarray(self.W, dtype), M), _rowvec_times(self.b, M) + other.b)
+    def then(self, other: "Affine", products=np.float64) -> "Affine":
+        """x -> other(self(x)), the products (the bias's too) taken as `products` say."""
+        p = as_products(products)
+        M = np.asarray(other.W, p.dtype)
+        return Affine(_product(np.asarray(self.W, p.dtype), M, p.matmul), _rowvec_times(self.b, M) + other.b)
 
     def after_inverse_of(self, basis: "Basis") -> "Affine":
         """x̃ -> self(basis⁻¹(x̃)): self, for an input that arrives as x·B + c.
@@ -78,10 +92,10 @@ class Basis(NamedTuple):
     inverted: "InvertedMatrix"
 
 
-def _product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def _product(A: np.ndarray, B: np.ndarray, matmul=np.matmul) -> np.ndarray:
     """A·B, computed as (Bᵀ·Aᵀ)ᵀ: the same products, but laid out so that the weight
     (the transpose, as checkpoints hold it) is row-major, and storing it copies nothing."""
-    return np.swapaxes(np.swapaxes(B, -1, -2) @ np.swapaxes(A, -1, -2), -1, -2)
+    return np.swapaxes(matmul(np.swapaxes(B, -1, -2), np.swapaxes(A, -1, -2)), -1, -2)
 
 
 def _rowvec_times(b: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -158,9 +172,10 @@ def check_fusable(args: "ModelArgs"):
         raise FusionError("fusion starts from a vanilla model; this one is already reduced")
 
 
-def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], dtype=np.float64):
+def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], products=np.float64):
     """Return (reduced Weights, reduced ModelArgs, [InvertedMatrix]) for `plan`,
-    the target `removed` form of every layer; products that invert nothing in `dtype`."""
+    the target `removed` form of every layer; products that invert nothing as
+    `products` say (Products, or a dtype)."""
     new_args = reduced_args(args, plan)
     chosen = {}
 
@@ -169,10 +184,10 @@ def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], dtype=np.floa
             chosen[i] = (plan[i], basis_of(layer, plan[i], i))
         return chosen[i]
 
-    fused = list(fuse_layers(weights.layers.__getitem__, len(plan), choose, args.parallel_block, dtype))
+    fused = list(fuse_layers(weights.layers.__getitem__, len(plan), choose, args.parallel_block, products))
     out = replace(weights, layers=[layer for _, _, _, layer in fused])
     out.embed, out.positions, out.head = fuse_embeddings(
-        weights.embed, weights.positions, weights.head, choose(0, weights.layers[0])[1], dtype=dtype)
+        weights.embed, weights.positions, weights.head, choose(0, weights.layers[0])[1], products=products)
     return out, new_args, [basis.inverted for _, _, basis, _ in fused if basis is not None]
 
 
@@ -180,7 +195,7 @@ Choice = Tuple[str, Optional[Basis]]
 
 
 def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
-                choose: Callable[[int, Dict[str, Affine]], Choice], parallel: bool, dtype=np.float64):
+                choose: Callable[[int, Dict[str, Affine]], Choice], parallel: bool, products=np.float64):
     """Yield (original block i, its form, its Basis or None, fused block i) in order.
 
     `choose(i, block)` gives block i's form and basis once block i is read, so a
@@ -191,28 +206,29 @@ def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
     for i in range(n_layers):
         upcoming = read_layer(i + 1) if i + 1 < n_layers else None
         nxt_form, nxt_basis = choose(i + 1, upcoming) if upcoming is not None else ("", None)
-        fused = fuse_block(current, form, basis, parallel, nxt_basis, dtype)
+        fused = fuse_block(current, form, basis, parallel, nxt_basis, products)
         yield current, form, basis, fused
         current, form, basis = upcoming, nxt_form, nxt_basis
 
 
-def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096, dtype=np.float64):
+def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096, products=np.float64):
     """(embed, positions, head) once the first block's basis is absorbed.
 
-    Products are taken in `dtype` a few thousand rows at a time and kept in the
-    embedding's own dtype: a vocabulary-sized float64 copy is the largest thing
-    a conversion would otherwise hold."""
+    Products are taken as `products` say, a few thousand rows at a time, and kept
+    in the embedding's own dtype: a vocabulary-sized float64 copy is the largest
+    thing a conversion would otherwise hold."""
     if basis is None:
         return embed, positions, head
     if head is None:
         head = embed.T  # a tied head keeps the original embedding
-    B, c = np.asarray(basis.map.W, dtype), basis.map.b.astype(dtype)
+    p = as_products(products)
+    B, c = np.asarray(basis.map.W, p.dtype), basis.map.b.astype(p.dtype)
     fused = np.empty((embed.shape[0], B.shape[1]), embed.dtype)
     for i in range(0, embed.shape[0], rows):
         # every token gets one row: the bias is added once
-        fused[i : i + rows] = np.asarray(embed[i : i + rows], dtype) @ B + c
+        fused[i : i + rows] = p.matmul(np.asarray(embed[i : i + rows], p.dtype), B) + c
     if positions is not None:
-        positions = np.asarray(positions, dtype) @ B
+        positions = p.matmul(np.asarray(positions, p.dtype), B)
     return fused, positions, head
 
 
@@ -278,7 +294,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
 
 
 def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], parallel: bool,
-               nxt: Optional[Basis], dtype=np.float64):
+               nxt: Optional[Basis], products=np.float64):
     """One block: read the input through this block's `basis` (that of the matrix
     `form` removes), drop P if the form says so, and emit the next block's basis
     `nxt` (None: emit x itself)."""
@@ -296,13 +312,13 @@ def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], para
     if "p" in form:
         P = new.pop(ATTN_OUT)
         for k in ffn_in:
-            new[k] = P.then(new[k], dtype)
+            new[k] = P.then(new[k], products)
 
     if nxt is not None:
         linear_part = Affine(nxt.map.W, np.zeros_like(nxt.map.b))
         for k in ffn_out:
             # MoE: the experts' weights sum to one, so each may carry the bias c.
-            new[k] = new[k].then(nxt.map if not parallel else linear_part, dtype)
+            new[k] = new[k].then(nxt.map if not parallel else linear_part, products)
         if parallel:  # attention and FFN outputs are summed: add c once
-            new[ATTN_OUT] = new[ATTN_OUT].then(nxt.map, dtype)
+            new[ATTN_OUT] = new[ATTN_OUT].then(nxt.map, products)
     return new

@@ -181,16 +181,20 @@ def test_condition_estimate_of_ill_conditioned_and_singular_matrices(monkeypatch
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float32_products_stay_near_the_float64_fusion(dtype, bias):
+@pytest.mark.parametrize("engine", ["float32", "float64", "float32 by MLX"])
+def test_float32_products_stay_near_the_float64_fusion(engine, bias):
     # Products that invert nothing may run in float32 for outputs coarser than float32,
-    # the biases' included (b_P·M and the next block's c).
+    # the biases' included (b_P·M and the next block's c); on Apple silicon, by MLX on its GPU.
+    from mlx_skipless.streaming import mlx_matmul
+
     args = tiny_args(num_hidden_layers=3, attention_bias=bias, mlp_bias=bias)
     flat = synthetic.random_flat(args)
     w = layout.weights_from_flat(flat, args)
     exact, _, _ = fusion.fuse(w, args, ["qp"] * 3)
-    fast, _, _ = fusion.fuse(w, args, ["qp"] * 3, dtype=dtype)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    products = {"float32": np.float32, "float64": np.float64,
+                "float32 by MLX": fusion.Products(np.float32, mlx_matmul)}[engine]
+    fast, _, _ = fusion.fuse(w, args, ["qp"] * 3, products)
+    tol = 1e-12 if engine == "float64" else 1e-5
     for a, b in zip(layout.weights_to_flat(fast, args).values(), layout.weights_to_flat(exact, args).values()):
         assert rel_err(np.asarray(a, np.float64), b) <= tol
 
@@ -203,3 +207,16 @@ def test_fusion_maths_runs_without_mlx():
             "assert not [m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')], 'mlx imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_products_take_float64_only_for_a_float32_output_and_the_gpu_where_metal_is():
+    import mlx.core as mx
+
+    from mlx_skipless.streaming import mlx_matmul, products_for
+
+    assert products_for("float32", quantized=False) == fusion.Products(np.float64, np.matmul)
+    for dtype, quantized in (("bfloat16", False), ("float16", False), ("float32", True)):
+        expected = mlx_matmul if mx.metal.is_available() else np.matmul
+        assert products_for(dtype, quantized) == fusion.Products(np.float32, expected)
+    A, B = np.arange(6.0, dtype=np.float32).reshape(2, 3), np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(mlx_matmul(A.T.T, B), A @ B)
