@@ -5,11 +5,12 @@ in x out) and is pure numpy: no MLX, no files; a config is read only for its
 fields. `layout.py` moves weights between this form and MLX/Hugging Face tensors.
 
 Precision goes where conditioning amplifies error: every factorization of a
-matrix to invert, and every solve with one, is taken in float64. The products that invert nothing (P into
-the FFN inputs, the next block's basis into the FFN output, the embedding) are taken as
-`Products` say: in float64 for a float32 output, in float32 (accumulating inputs
-that are themselves bf16/f16 values) when the output is stored coarser than that,
-by numpy or by a matrix multiply the caller hands in (an accelerator's).
+matrix to invert, and every solve with one, is taken in float64. The products
+that invert nothing (P into the FFN inputs, the next block's basis into the FFN
+output, the embedding) are taken as `Products` say: in float64 for a float32
+output, in float32 (accumulating inputs that are themselves bf16/f16 values)
+when the output is stored coarser than that, by numpy or by a matrix multiply
+the caller hands in (an accelerator's).
 
 One mechanism covers every form. Block i may choose a *basis* T_i, the affine
 map x -> x·B + c of one of its square projections (Q, K or V). The previous
@@ -49,11 +50,6 @@ class Products(NamedTuple):
     matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul
 
 
-def as_products(products) -> Products:
-    """Products, or a bare dtype: numpy's matmul in that dtype."""
-    return products if isinstance(products, Products) else Products(products)
-
-
 class Affine(NamedTuple):
     """x -> x·W + b. W is (..., in, out): a leading axis stacks MoE experts."""
 
@@ -67,11 +63,11 @@ class Affine(NamedTuple):
         b = np.zeros(W.shape[:-2] + W.shape[-1:]) if b is None else np.asarray(b, np.float64)
         return cls(W, b)
 
-    def then(self, other: "Affine", products=np.float64) -> "Affine":
+    def then(self, other: "Affine", products: Products = Products()) -> "Affine":
         """x -> other(self(x)), the products (the bias's too) taken as `products` say."""
-        p = as_products(products)
-        M = np.asarray(other.W, p.dtype)
-        return Affine(_product(np.asarray(self.W, p.dtype), M, p.matmul), _rowvec_times(self.b, M) + other.b)
+        M = np.asarray(other.W, products.dtype)
+        return Affine(_product(np.asarray(self.W, products.dtype), M, products.matmul),
+                      _rowvec_times(self.b, M) + other.b)
 
     def after_inverse_of(self, basis: "Basis") -> "Affine":
         """x̃ -> self(basis⁻¹(x̃)): self, for an input that arrives as x·B + c.
@@ -172,10 +168,10 @@ def check_fusable(args: "ModelArgs"):
         raise FusionError("fusion starts from a vanilla model; this one is already reduced")
 
 
-def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], products=np.float64):
+def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], products: Products = Products()):
     """Return (reduced Weights, reduced ModelArgs, [InvertedMatrix]) for `plan`,
     the target `removed` form of every layer; products that invert nothing as
-    `products` say (Products, or a dtype)."""
+    `products` say."""
     new_args = reduced_args(args, plan)
     chosen = {}
 
@@ -195,7 +191,8 @@ Choice = Tuple[str, Optional[Basis]]
 
 
 def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
-                choose: Callable[[int, Dict[str, Affine]], Choice], parallel: bool, products=np.float64):
+                choose: Callable[[int, Dict[str, Affine]], Choice], parallel: bool,
+                products: Products = Products()):
     """Yield (original block i, its form, its Basis or None, fused block i) in order.
 
     `choose(i, block)` gives block i's form and basis once block i is read, so a
@@ -211,7 +208,8 @@ def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
         current, form, basis = upcoming, nxt_form, nxt_basis
 
 
-def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096, products=np.float64):
+def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096,
+                    products: Products = Products()):
     """(embed, positions, head) once the first block's basis is absorbed.
 
     Products are taken as `products` say, a few thousand rows at a time, and kept
@@ -221,14 +219,14 @@ def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 
         return embed, positions, head
     if head is None:
         head = embed.T  # a tied head keeps the original embedding
-    p = as_products(products)
-    B, c = np.asarray(basis.map.W, p.dtype), basis.map.b.astype(p.dtype)
+    dtype, matmul = products
+    B, c = np.asarray(basis.map.W, dtype), basis.map.b.astype(dtype)
     fused = np.empty((embed.shape[0], B.shape[1]), embed.dtype)
     for i in range(0, embed.shape[0], rows):
         # every token gets one row: the bias is added once
-        fused[i : i + rows] = p.matmul(np.asarray(embed[i : i + rows], p.dtype), B) + c
+        fused[i : i + rows] = matmul(np.asarray(embed[i : i + rows], dtype), B) + c
     if positions is not None:
-        positions = p.matmul(np.asarray(positions, p.dtype), B)
+        positions = matmul(np.asarray(positions, dtype), B)
     return fused, positions, head
 
 
@@ -294,7 +292,7 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
 
 
 def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], parallel: bool,
-               nxt: Optional[Basis], products=np.float64):
+               nxt: Optional[Basis], products: Products = Products()):
     """One block: read the input through this block's `basis` (that of the matrix
     `form` removes), drop P if the form says so, and emit the next block's basis
     `nxt` (None: emit x itself)."""

@@ -71,7 +71,7 @@ class Passes:
     embeddings. Each block is read once a pass; the original's logits come from
     the first pass only, and so do the condition numbers (`conds`, per layer)."""
 
-    def __init__(self, ckpt, target, quant, stored_as, tokens, progress, products=np.float64):
+    def __init__(self, ckpt, target, quant, stored_as, tokens, progress, products=fusion.Products()):
         self.ckpt, self.target, self.quant, self.stored_as = ckpt, target, quant, stored_as
         self.tokens, self.progress, self.products = tokens, progress, products
         self.reference, self.conds = {}, None
@@ -310,7 +310,7 @@ class Passes:
         return verify.on_numpy(block, values, self.target), raw, self.target
 
 
-def _shells(ckpt, new_args, first, target, quant, names, products=np.float64):
+def _shells(ckpt, new_args, first, target, quant, names, products=fusion.Products()):
     """Embeddings, final norm and head as MLX models without blocks: the converted
     one as stored, and those of `names` (original, converted, as stored or in
     float32). The float64 tensors are freed on return; they are the largest thing held."""

@@ -17,7 +17,7 @@ from mlx_skipless.checkpoint import CheckpointError, TensorSource
 from mlx_skipless.convert import DegradedError, convert
 from mlx_skipless.fusion import FusionError
 from mlx_skipless.loading import load, load_model
-from mlx_skipless.streaming import Passes
+from mlx_skipless.streaming import Passes, products_for
 
 FAMILIES = ["llama", "mistral", "mixtral", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_bare", "skipless",
             "skipless_shaped"]
@@ -314,7 +314,7 @@ def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, q
     ckpt = SkiplessCheckpoint(str(src))
     quant = {"group_size": 32, "bits": 4, "mode": "affine"} if quantize else None
     passes = Passes(ckpt, mx.bfloat16, quant, "bfloat16", verify.probe_tokens(args.vocab_size),
-                                    False, np.float32)
+                    False, products_for("bfloat16", quant is not None))
     merge_p = "p" if not args.parallel_block else ""
     (tmp_path / "stage").mkdir()
     passes.write(tmp_path / "stage", lambda row: planner.ladder([row], merge_p)[0][0])
@@ -350,7 +350,7 @@ def test_auto_writes_its_chosen_plan_from_the_first_without_fusing_again(tmp_pat
     quant = {"group_size": 32, "bits": 8, "mode": "affine"} if quantize else None
     stored_as = "bfloat16" + (", 8-bit (group 32)" if quantize else "")
     full = Passes(SkiplessCheckpoint(str(src)), mx.bfloat16, quant, stored_as,
-                  verify.probe_tokens(args.vocab_size), False, np.float32)
+                  verify.probe_tokens(args.vocab_size), False, products_for("bfloat16", quant is not None))
     (tmp_path / "full").mkdir()
     written = full.write(tmp_path / "full", forms)
     written.writer.close(0)

@@ -191,7 +191,7 @@ def test_float32_products_stay_near_the_float64_fusion(engine, bias):
     flat = synthetic.random_flat(args)
     w = layout.weights_from_flat(flat, args)
     exact, _, _ = fusion.fuse(w, args, ["qp"] * 3)
-    products = {"float32": np.float32, "float64": np.float64,
+    products = {"float32": fusion.Products(np.float32), "float64": fusion.Products(np.float64),
                 "float32 by MLX": fusion.Products(np.float32, mlx_matmul)}[engine]
     fast, _, _ = fusion.fuse(w, args, ["qp"] * 3, products)
     tol = 1e-12 if engine == "float64" else 1e-5
