@@ -7,7 +7,7 @@ by halves so that nearly all its work is matrix products on numpy's BLAS; the
 factors then serve every solve and the condition estimate.
 """
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -17,17 +17,19 @@ TRIANGLE = 64  # a triangle this small is inverted whole and multiplied
 
 class LU(NamedTuple):
     """P·A = L·U: L (unit lower) and U (upper) share `factors`; `perm` is P as
-    row indices, A[perm] = L·U."""
+    row indices, A[perm] = L·U. `inverses` keeps the small diagonal triangles the
+    solves invert, so that repeated solves (a condition estimate's) invert each once."""
 
     factors: np.ndarray
     perm: np.ndarray
+    inverses: dict
 
     @property
     def singular(self) -> bool:
         return not np.all(np.diagonal(self.factors))
 
     def astype(self, dtype) -> "LU":
-        return LU(self.factors.astype(dtype), self.perm)
+        return LU(self.factors.astype(dtype), self.perm, {})
 
     def solve(self, B: np.ndarray) -> np.ndarray:
         """A⁻¹·B, in the factors' dtype, for B (n, m) or a stack (..., n, m). Laid out
@@ -37,15 +39,15 @@ class LU(NamedTuple):
         # P·B, laid out as B is
         X = np.take(B, self.perm, axis=0) if _row_major(B) else np.take(B.T, self.perm, axis=1).T
         X = np.asarray(X, self.factors.dtype, order="K")
-        _tri_solve(self.factors, X, lower=True, unit=True)
-        _tri_solve(self.factors, X, lower=False, unit=False)
+        _tri_solve(self.factors, X, lower=True, unit=True, inverses=self.inverses)
+        _tri_solve(self.factors, X, lower=False, unit=False, inverses=self.inverses)
         return X
 
     def solve_transposed(self, B: np.ndarray) -> np.ndarray:
         """A⁻ᵀ·B for B (n, m): Aᵀ = Uᵀ·Lᵀ·P."""
         X = np.array(B, self.factors.dtype, order="C" if _row_major(B) else "F")
-        _tri_solve(self.factors.T, X, lower=True, unit=False)
-        _tri_solve(self.factors.T, X, lower=False, unit=True)
+        _tri_solve(self.factors.T, X, lower=True, unit=False, inverses=self.inverses, transposed=True)
+        _tri_solve(self.factors.T, X, lower=False, unit=True, inverses=self.inverses, transposed=True)
         out = np.empty_like(X)
         out[self.perm] = X
         return out
@@ -57,7 +59,7 @@ def lu_factor(A: np.ndarray) -> LU:
     F = np.array(A, np.float64, order="C")
     with np.errstate(divide="ignore", invalid="ignore"):
         perm = _lu(F)
-    return LU(F, perm)
+    return LU(F, perm, {})
 
 
 def largest_singular_value(apply: Callable, apply_t: Callable, n: int, dtype=np.float32,
@@ -125,21 +127,32 @@ def _permute_rows(A: np.ndarray, p: np.ndarray):
     A[moved] = A[p[moved]]
 
 
-def _tri_solve(T: np.ndarray, X: np.ndarray, lower: bool, unit: bool):
+def _tri_solve(T: np.ndarray, X: np.ndarray, lower: bool, unit: bool, inverses: Optional[dict] = None,
+               transposed: bool = False, offset: int = 0):
     """X ← T⁻¹·X for the triangle of T that `lower` names (unit: its diagonal taken
-    as ones), by halves: the work is in products."""
+    as ones), by halves: the work is in products. `inverses` caches the small
+    triangles inverted, by where they sit (`offset` in the whole triangle)."""
     n = T.shape[0]
     if n <= TRIANGLE:  # inverted whole: LAPACK's solve with many columns is ten times slower
-        t = np.tril(T) if lower else np.triu(T)
-        if unit:
-            np.fill_diagonal(t, 1.0)
-        X[...] = _times(np.linalg.inv(t), X)
+        key = (transposed, lower, unit, offset)
+        inverse = None if inverses is None else inverses.get(key)
+        if inverse is None:
+            t = np.tril(T) if lower else np.triu(T)
+            if unit:
+                np.fill_diagonal(t, 1.0)
+            inverse = np.linalg.inv(t)
+            if inverses is not None:
+                inverses[key] = inverse
+        X[...] = _times(inverse, X)
         return
     k = n // 2
-    first, second = (slice(None, k), slice(k, None)) if lower else (slice(k, None), slice(None, k))
-    _tri_solve(T[first, first], X[first], lower, unit)
+    if lower:
+        first, second, first_at, second_at = slice(None, k), slice(k, None), offset, offset + k
+    else:
+        first, second, first_at, second_at = slice(k, None), slice(None, k), offset + k, offset
+    _tri_solve(T[first, first], X[first], lower, unit, inverses, transposed, first_at)
     X[second] -= _times(T[second, first], X[first])
-    _tri_solve(T[second, second], X[second], lower, unit)
+    _tri_solve(T[second, second], X[second], lower, unit, inverses, transposed, second_at)
 
 
 def _times(A: np.ndarray, X: np.ndarray) -> np.ndarray:

@@ -33,6 +33,8 @@ def test_solves_match_lapack_and_keep_the_layout(n, layout):
         assert X.flags.f_contiguous == (layout == "F") and X.flags.c_contiguous == (layout == "C")
         Y = lu.solve_transposed(B)
         np.testing.assert_allclose(Y, np.linalg.solve(A.T, B.astype(np.float64)), rtol=0, atol=1e-11)
+        # again, from the small triangles the first solves inverted and kept
+        assert lu.inverses and np.array_equal(lu.solve(B), X) and np.array_equal(lu.solve_transposed(B), Y)
     assert A.flags.c_contiguous and np.array_equal(A, A)  # the matrix itself is kept
 
 
