@@ -21,6 +21,7 @@ spinning on a busy machine).
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,11 +98,13 @@ def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, w
     counts = counting.count(args)
     src, out = work / f"src-{layers}", work / f"out-{layers}"
     write_checkpoint(src, args, distinct=1, drawn=drawn)  # one block drawn: the converter does not care
+    os.sync()  # the checkpoint just written goes to disk now, not while the conversion is timed
     row = child(CHILD, src, out, int(verify), remove)
     shutil.rmtree(src), shutil.rmtree(out)
     if mlx_lm:
         std, std_out = work / f"std-{layers}", work / f"std-out-{layers}"
         write_checkpoint(std, args, standard=True, distinct=1, drawn=drawn)
+        os.sync()
         row["mlx_lm"] = child(MLX_LM, std, std_out)
         shutil.rmtree(std), shutil.rmtree(std_out)
     comp = counts["components"]
