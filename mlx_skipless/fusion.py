@@ -274,8 +274,8 @@ def square_projections(args: "ModelArgs") -> List[str]:
 
 def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True) -> Optional[Basis]:
     """The Basis of the projection `form` removes, or None: one float64
-    factorization, from which the condition number comes too. FusionError if it is singular,
-    unless `check` is off (a planner weighing candidates)."""
+    factorization, from which the condition number comes too. FusionError if it
+    is singular, unless `check` is off (a planner weighing candidates)."""
     name = form.replace("p", "")
     if not name:
         return None
