@@ -222,8 +222,8 @@ class TensorSource:
             raw = np.fromfile(fh, STORED[t.dtype], count)
         if raw.size != count:
             raise CheckpointError(f"{t.file} is truncated: {key} is cut short")
-        if t.dtype == "BF16":  # bfloat16 is float32's upper half: one shift into one new array
-            raw = np.left_shift(raw, 16, out=np.empty(count, np.uint32), dtype=np.uint32).view(np.float32)
+        if t.dtype == "BF16":
+            raw = stored_values(raw, mx.bfloat16)
         a = raw.astype(dtype, copy=False).reshape(t.shape)
         # A sum is finite when every entry is, and needs no array of flags the size of the
         # embedding; one that overflows is told apart by the count below.
@@ -289,10 +289,8 @@ def as_stored(x: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:
 
 def stored_values(raw: np.ndarray, dtype) -> np.ndarray:
     """The float32 values of `raw`, an array as `as_stored` returns it for `dtype`."""
-    if dtype == mx.bfloat16:
-        values = raw.astype(np.uint32)
-        values <<= 16
-        return values.view(np.float32)
+    if dtype == mx.bfloat16:  # float32's upper half: one shift into one new array
+        return np.left_shift(raw, 16, out=np.empty(raw.shape, np.uint32), dtype=np.uint32).view(np.float32)
     return raw.astype(np.float32, copy=False)
 
 
