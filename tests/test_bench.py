@@ -70,3 +70,10 @@ def test_make_checkpoint_gives_one_layer_an_ill_conditioned_q(tmp_path):
     source = TensorSource(tmp_path / "ic")
     conds = [np.linalg.cond(source.float32(f"model.layers.{i}.self_attn.q_proj.weight")) for i in range(2)]
     assert conds[0] < 10 and conds[1] > 1e3  # 1e4 as drawn; bfloat16 storage moves it
+
+
+def test_bench_linalg_times_the_factorization_beside_the_inverse():
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_linalg.py"), "--d", "64", "--kv", "16",
+                          "--repeats", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("LU: factor") and "before: inverse" in run.stdout
