@@ -48,6 +48,7 @@ d 256 x 4 nothing changes. d 256 x 8 then keeps cosine 0.03-0.14 in layers 0-6
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -64,6 +65,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten
 
 from . import cli, data, families, modeldir, names
@@ -73,7 +75,8 @@ from .models.skipless import Model, ModelArgs
 
 # flags a resumed run takes from its recorded options unless given again
 RECORDED = ("steps", "batch_size", "context", "lr", "warmup", "weight_decay", "clip", "orthogonality",
-            "seed", "eval_every", "save_every", "data", "val_fraction")
+            "seed", "eval_every", "save_every", "data", "val_fraction", "optimizer", "muon_lr", "schedule",
+            "cooldown")
 NEW_RUN_ONLY = ("config", "tokenizer", "vocab_size", "q_init_scale")
 DEFAULTS = {}  # of those options, filled by build_parser
 BASE_WIDTH, BASE_DEPTH = 256, 4  # the largest shape the unscaled learning rate trains
@@ -112,7 +115,10 @@ def initialize(model: Model, seed: int, q_scale: float = 1.0):
 
 
 def inverted_candidates(model: Model):
-    """The square attention matrices a conversion may invert."""
+    """The square attention matrices a conversion may invert: none in a model with
+    residual adds, which converts without fusing."""
+    if model.args.residual:
+        return
     for layer in model.layers:
         for name in map(names.projection, "qkv"):
             if name in layer.self_attn:
@@ -136,26 +142,72 @@ def hidden_lr_scale(args: ModelArgs) -> float:
     """The learning rate of the matrices inside the blocks, relative to `lr`: a model
     wider or deeper than BASE_WIDTH x BASE_DEPTH steps its block matrices by less
     (μP-style, lr ∝ 1/width, and ∝ 1/depth for a stack without skips, where every
-    layer's change compounds through all the layers above it). See the module docstring."""
-    return min(1.0, BASE_WIDTH / args.hidden_size) * min(1.0, BASE_DEPTH / args.num_hidden_layers)
+    layer's change compounds through all the layers above it; a residual stack adds
+    each layer's change instead). See the module docstring."""
+    depth = 1.0 if args.residual else min(1.0, BASE_DEPTH / args.num_hidden_layers)
+    return min(1.0, BASE_WIDTH / args.hidden_size) * depth
 
 
 def is_hidden(path: str, w: mx.array) -> bool:
     return path.startswith(names.BLOCKS) and w.ndim >= 2
 
 
-def make_optimizer(lr: float, scale: float, steps: int, warmup: int, weight_decay: float):
-    """AdamW; the block matrices at lr · scale."""
-    adamw = lambda rate: optim.AdamW(schedule(rate, steps, warmup), weight_decay=weight_decay)
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+
+
+def make_optimizer(lr: float, scale: float, steps: int, warmup: int, weight_decay: float,
+                   kind: str = "adamw", muon_lr: float = 0.02, shape: str = "cosine", cooldown: float = 0.2):
+    """AdamW, the block matrices at lr · scale; or Muon for the block matrices (at
+    muon_lr · scale) with AdamW for embeddings, head and the 1-D gains, which
+    Muon's orthogonalized update does not suit."""
+    rate = lambda r: schedule(r, steps, warmup, shape, cooldown)
+    adamw = lambda r: optim.AdamW(rate(r), weight_decay=weight_decay)
+    if kind == "muon":
+        # Muon's update has unit spectral norm whatever the width; weight decay through
+        # its coupled L2 term would be orthogonalized away, so it has none.
+        return optim.MultiOptimizer([optim.Muon(rate(muon_lr * scale), weight_decay=0.0), adamw(lr)],
+                                    [is_hidden])
     if scale == 1.0:
         return adamw(lr)
     return optim.MultiOptimizer([adamw(lr * scale), adamw(lr)], [is_hidden])
 
 
-def schedule(lr: float, steps: int, warmup: int):
-    warm = optim.linear_schedule(lr / max(warmup, 1), lr, max(warmup, 1))
-    decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
-    return optim.join_schedules([warm, decay], [max(warmup, 1)])
+def cooldown_start(steps: int, cooldown: float) -> int:
+    """The first step of a warmup-stable-decay run's cooldown."""
+    return steps - max(1, round(cooldown * steps))
+
+
+def schedule(lr: float, steps: int, warmup: int, shape: str = "cosine", cooldown: float = 0.2):
+    """Linear warm-up, then cosine decay to lr/10; or ("wsd") a constant rate and a
+    1 − sqrt cooldown to zero over the last `cooldown` of the steps (Hägele et al.
+    2024): as good as cosine, and a run saved before its cooldown can be extended
+    to more steps without starting over."""
+    warmup = max(warmup, 1)
+    warm = optim.linear_schedule(lr / warmup, lr, warmup)
+    if shape == "cosine":
+        decay = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 10)
+        return optim.join_schedules([warm, decay], [warmup])
+    start = max(cooldown_start(steps, cooldown), warmup)
+    length = max(steps - start, 1)
+
+    def stable_then_cool(step):  # join_schedules counts its steps from the warm-up's end
+        # the optimizer's step is unsigned: subtract in floating point, or it wraps around
+        done = mx.clip((step.astype(mx.float32) + warmup - start) / length, 0.0, 1.0)
+        return lr * (1 - mx.sqrt(done))
+
+    return optim.join_schedules([warm, stable_then_cool], [warmup])
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being a number: nothing more is saved."""
+
+
+def check_finite(model: Model, step: int, out: Path, last_saved: int):
+    bad = [name for name, w in tree_flatten(model.parameters()) if not mx.isfinite(w).all().item()]
+    if bad:
+        raise TrainingDiverged(f"{bad[0]} holds non-finite values at step {step}: training diverged; "
+                               f"{out} keeps its last good save (step {last_saved})")
 
 
 def save(target: OutputDir, model: Model, args: ModelArgs, tok, optimizer, state: dict):
@@ -169,51 +221,82 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
           lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
           ortho: float = 0.0, eval_every: int = 200, save_every: int = 500, seed: int = 0,
           state: dict = None, optimizer_state=None, progress: bool = True, log=print,
-          stop_at: int = None, record: dict = None, probe=None, block_lr_scale: float = None) -> dict:
+          stop_at: int = None, record: dict = None, probe=None, block_lr_scale: float = None,
+          optimizer: str = "adamw", muon_lr: float = 0.02, schedule_shape: str = "cosine",
+          cooldown: float = 0.2, stable_path: Path = None) -> dict:
     """Train to `steps` (from state["step"] when resuming) and return the trainer state.
     `stop_at` ends the run early, as an interruption would, schedule unchanged.
     `out` is claimed for the run; it may exist only when resuming. `record`: more
     options to keep with the run (the data it was trained on).
     `block_lr_scale` defaults to hidden_lr_scale(args).
     `probe(model)`, when given, returns a dict that joins each validation entry
-    (e.g. the per-layer signal propagation of mlx_skipless.diagnostics)."""
+    (e.g. the per-layer signal propagation of mlx_skipless.diagnostics).
+    `schedule_shape` "wsd" with `stable_path`: the run as it stands at the last
+    constant-rate step is also saved there, a run that `--resume` with more
+    `--steps` extends. A non-finite loss stops the run before it saves, so the last
+    save stays the last good one."""
     state = state or {"step": 0, "history": []}
     if block_lr_scale is None:  # a resumed run keeps the scale it started with
         block_lr_scale = state.get("options", {}).get("block_lr_scale", hidden_lr_scale(args))
+    # the warm-up's length is fixed when a run starts: extending it to more steps moves
+    # only the cooldown
+    warmup_steps = state.get("options", {}).get("warmup_steps", int(warmup * steps))
     opts = dict(steps=steps, batch_size=batch_size, context=context, lr=lr, warmup=warmup,
                 weight_decay=weight_decay, clip=clip, orthogonality=ortho, seed=seed,
-                eval_every=eval_every, save_every=save_every, block_lr_scale=block_lr_scale)
+                eval_every=eval_every, save_every=save_every, block_lr_scale=block_lr_scale,
+                optimizer=optimizer, muon_lr=muon_lr, schedule=schedule_shape, cooldown=cooldown,
+                warmup_steps=warmup_steps)
     state["options"] = {**state.get("options", {}), **opts, **(record or {})}
-    optimizer = make_optimizer(lr, block_lr_scale, steps, int(warmup * steps), weight_decay)
+    stable_step = cooldown_start(steps, cooldown) if schedule_shape == "wsd" and stable_path else None
+    opt = make_optimizer(lr, block_lr_scale, steps, warmup_steps, weight_decay, optimizer, muon_lr,
+                         schedule_shape, cooldown)
     if optimizer_state is not None:
-        optimizer.state = optimizer_state
+        opt.state = optimizer_state
 
     def loss_fn(m, x, y):
         ce = cross_entropy(m, x, y)
         return ce + ortho * orthogonality(m) if ortho else ce, ce
 
     grad_fn = nn.value_and_grad(model, loss_fn)
-    compiled = [model.state, optimizer.state, mx.random.state]
+    compiled = [model.state, opt.state, mx.random.state]
+    # Data parallel (mlx.launch): each process takes its share of the global batch and the
+    # gradients are averaged, so N processes take the steps one process would.
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} does not split over {world} processes")
+    share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     @partial(mx.compile, inputs=compiled, outputs=compiled)
     def step_fn(x, y):
         (_, ce), grads = grad_fn(model, x, y)
+        if world > 1:
+            grads = average_gradients(grads, group=group)
+            ce = mx.distributed.all_sum(ce, group=group) / world
         grads, norm = optim.clip_grad_norm(grads, clip)
-        optimizer.update(model, grads)
+        opt.update(model, grads)
         return ce, norm
 
+    lead = rank == 0  # the one process that writes and reports
     resuming = state["step"] > 0
-    with OutputDir(out, force=resuming) as target:  # held for the run: one writer at a time
+    # held for the run: one writer at a time
+    with OutputDir(out, force=resuming) if lead else contextlib.nullcontext() as target:
         bar = None
-        if progress:
+        if progress and lead:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, initial=state["step"], desc="training", unit="step")
         tokens, t0, losses = 0, time.perf_counter(), []
+        last_saved = state["step"]
         while state["step"] < min(steps, stop_at or steps):
             x, y = corpus.batch(state["step"], batch_size, context, seed)
-            ce, _ = step_fn(mx.array(x), mx.array(y))
+            ce, _ = step_fn(mx.array(x[share]), mx.array(y[share]))
             mx.eval(compiled, ce)
+            if not np.isfinite(ce.item()):
+                raise TrainingDiverged(
+                    f"the loss became {ce.item()} at step {state['step'] + 1}: training diverged; "
+                    f"{out} keeps its last good save (step {last_saved}); lower --lr or --muon-lr "
+                    "and --resume")
             state["step"] += 1
             losses.append(ce.item())
             tokens += x.size
@@ -221,14 +304,23 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
                 bar.update(1)
             last = state["step"] == steps
-            if state["step"] % eval_every == 0 or last:
+            if lead and (state["step"] % eval_every == 0 or last):
                 entry = {"step": state["step"], "train_loss": float(np.mean(losses)),
                          "val_loss": evaluate(model, corpus, context), **(probe(model) if probe else {})}
                 state["history"].append(entry)
                 losses = []
                 log(f"[step {entry['step']}] train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}")
-            if state["step"] % save_every == 0 or last:
-                save(target, model, args, tok, optimizer, state)
+            saving = state["step"] % save_every == 0 or last
+            if saving or state["step"] == stable_step:
+                check_finite(model, state["step"], out, last_saved)  # every process: the same verdict
+            if saving and lead:
+                save(target, model, args, tok, opt, state)
+            last_saved = state["step"] if saving else last_saved
+            if state["step"] == stable_step and lead:
+                with OutputDir(stable_path, force=True) as stable:
+                    save(stable, model, args, tok, opt, state)
+                log(f"[INFO] the last constant-rate step, {stable_step}, saved to {stable_path}: "
+                    "resume it with more --steps to extend the run")
     if bar:
         bar.close()
     return state
@@ -249,6 +341,14 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw for every weight, or muon for the block matrices (AdamW for the rest)")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate (--optimizer muon)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="after the warm-up: cosine decay to lr/10, or wsd: constant, then a 1-sqrt cooldown")
+    p.add_argument("--cooldown", type=float, default=0.2, help="wsd: fraction of the steps that cool down")
+    p.add_argument("--stable-path",
+                   help="wsd: also save the run at its last constant-rate step here, to extend it later")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--q-init-scale", type=float, default=0.1,
                    help="scale of the orthogonal initial Q (small: attention starts uniform)")
@@ -328,7 +428,9 @@ def main(o):
           f"validation tokens from {corpus.files} files")
     state = train(model, args, tok, corpus, out, o.steps, o.batch_size, o.context, o.lr, o.warmup,
                   o.weight_decay, o.clip, o.orthogonality, o.eval_every, o.save_every, o.seed,
-                  state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction))
+                  state, optimizer_state, record=dict(data=o.data, val_fraction=o.val_fraction),
+                  optimizer=o.optimizer, muon_lr=o.muon_lr, schedule_shape=o.schedule, cooldown=o.cooldown,
+                  stable_path=Path(o.stable_path) if o.stable_path else None)
     print(f"[INFO] wrote {out}")
     return 0
 

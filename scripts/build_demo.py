@@ -87,10 +87,12 @@ def trained_to(checkpoint: Path) -> int:
 
 
 def train_command(config: Path, out: Path, options: dict):
-    """The train command of `out` (add --resume to continue its checkpoint)."""
+    """The train command of `out` (add --resume to continue its checkpoint). A warmup-stable-decay
+    run also keeps its last constant-rate step in OUT-stable, from which a later build extends it."""
     from mlx_skipless.zoo import _flags
 
-    return ["-m", "mlx_skipless.train", "--config", str(config), "--mlx-path", str(out), *_flags(options)]
+    stable = ["--stable-path", str(out.with_name(out.name + "-stable"))] if options.get("schedule") == "wsd" else []
+    return ["-m", "mlx_skipless.train", "--config", str(config), "--mlx-path", str(out), *_flags(options), *stable]
 
 
 def stale(target: Path, source: Path) -> bool:

@@ -146,3 +146,82 @@ def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
                     **{**RUN, "lr": 1e-3, "eval_every": 10**6, "save_every": 10**6})
         cos[label] = last_cos(model)
     assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.14 and 0.82 (d 64: 0.10 and 0.87)
+
+
+# -- optimizers, schedules, extension, divergence ---------------------------------------------
+
+
+def test_wsd_schedule_holds_then_cools_to_zero_on_the_optimizers_step_type():
+    rate = train.schedule(1.0, 100, 5, "wsd", 0.2)
+    at = lambda step: rate(mx.array(step, mx.uint64)).item()  # noqa: E731 -- the optimizer's step dtype
+    assert at(0) == pytest.approx(0.2) and at(5) == at(50) == at(80) == 1.0
+    assert at(81) == pytest.approx(1 - 0.05**0.5) and at(100) == 0.0
+    assert all(at(s) >= at(s + 1) for s in range(5, 100))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_optimizer_and_schedule_learns(setup, tmp_path, optimizer):
+    tok, corpus = setup
+    model, args = fresh(tok)
+    before = train.evaluate(model, corpus, 32)
+    state = train.train(model, args, tok, corpus, tmp_path / "run", steps=30, **RUN, optimizer=optimizer,
+                        muon_lr=0.02, schedule_shape="wsd")
+    assert state["history"][-1]["val_loss"] < before - 0.5
+    assert state["options"]["optimizer"] == optimizer and state["options"]["schedule"] == "wsd"
+
+
+def test_a_wsd_run_extends_from_its_last_constant_rate_step(setup, tmp_path):
+    """The stable save resumed to more steps is the run trained to that many steps at once."""
+    tok, corpus = setup
+    straight, args = fresh(tok)
+    train.train(straight, args, tok, corpus, tmp_path / "long", steps=30, **RUN, schedule_shape="wsd",
+                cooldown=0.2)
+    short, _ = fresh(tok)
+    state = train.train(short, args, tok, corpus, tmp_path / "short", steps=20, **RUN, schedule_shape="wsd",
+                        cooldown=0.3, stable_path=tmp_path / "stable")
+    model, args2, tok2, state = modeldir.read(tmp_path / "stable")
+    assert state["step"] == 14  # 20 - 0.3 * 20: the first cooldown step is the next one
+    # 14 constant-rate steps at the 20-step run's rate are those of the 30-step run (cooldown 6 steps)
+    state = train.train(model, args2, tok2, corpus, tmp_path / "stable", steps=30, state=state,
+                        optimizer_state=modeldir.read_optimizer_state(tmp_path / "stable"),
+                        **RUN, schedule_shape="wsd", cooldown=0.2)
+    t = tokens(16, vocab=args.vocab_size)
+    assert rel_err(logits(model, t), logits(straight, t)) < 1e-4
+
+
+def test_divergence_stops_before_a_save_replaces_the_good_one(setup, tmp_path):
+    tok, corpus = setup
+    model, args = fresh(tok)
+    train.train(model, args, tok, corpus, tmp_path / "run", steps=10, **RUN)
+    good = (tmp_path / "run" / "model.safetensors").read_bytes()
+    model, args, tok2, state = modeldir.read(tmp_path / "run")
+    with pytest.raises(train.TrainingDiverged, match="step 1[1-9].*last good save \\(step 10\\)"):
+        train.train(model, args, tok2, corpus, tmp_path / "run", steps=20, state=state,
+                    **{**RUN, "lr": 1e6, "clip": 1e9})
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
+
+
+def test_data_parallel_equals_one_process(setup, tmp_path):
+    """Two processes (mlx.launch, ring backend, localhost), each on half of the global batch with
+    averaged gradients, take the steps one process takes on the whole batch."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tok, corpus = setup
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model, args = fresh(tok)
+    train.train(model, args, tok, corpus, tmp_path / "one", steps=6, **{**RUN, "eval_every": 6, "save_every": 6},
+                optimizer="muon", schedule_shape="wsd")
+    worker = Path(__file__).parent / "workers" / "data_parallel.py"
+    launch = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    run = subprocess.run([launch, "--backend", "ring", "-n", "2", "--python", sys.executable, str(worker),
+                          str(tmp_path / "two"), CORPUS[0], str(tmp_path / "tokenizer.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "two.world").read_text() == "2"
+    two, _ = load_model(str(tmp_path / "two"))
+    t = tokens(16, vocab=args.vocab_size)
+    assert rel_err(logits(two, t), logits(model, t)) < 1e-4
+    assert modeldir.training_state(tmp_path / "two")["step"] == 6
