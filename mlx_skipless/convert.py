@@ -20,11 +20,12 @@ from typing import Optional
 
 import numpy as np
 
-from . import cli, counting, fusion, modeldir, planner, verify
+from . import cli, counting, families, fusion, modeldir, planner, restore, verify
 from .card import model_card
-from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer
+from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer, read_config, resolve
 from .loading import SkiplessCheckpoint, check_quantization, load_tokenizer
 from .report import build_report, log_report
+from .models.skipless import ModelArgs
 from .streaming import Passes, keep_freed_memory, products_for
 from .upload import upload
 
@@ -55,20 +56,29 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     if remove not in ("auto", "q", "k", "v"):
         raise CheckpointError(f"--remove must be auto, q, k or v, not {remove!r}")
     source = str(hf_path or DEFAULT_SOURCE)
-    ckpt = SkiplessCheckpoint(source, revision, assume_skipless)
+    path = resolve(source, revision)
+    config = read_config(path)
+    ckpt = None if restore.has_nothing_to_fuse(config) else SkiplessCheckpoint(str(path), None, assume_skipless)
+    args = ckpt.args if ckpt else ModelArgs(**families.model_fields(config))
     # The tokenizer must load before any work, or the output could convert and then not generate.
-    tokenizer = Path(tokenizer) if tokenizer else ckpt.path
+    tokenizer = Path(tokenizer) if tokenizer else path
     if load_tokenizer(tokenizer) is None:  # else it loads, or the error names the bad file
         raise CheckpointError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
                               "the converted model could not generate; pass --tokenizer DIR to ship one")
     if quantize:
-        check_quantization(ckpt.args, q_group_size, q_bits)
-    dtype = dtype or ckpt.dtype()
+        check_quantization(args, q_group_size, q_bits)
+    dtype = dtype or (ckpt.dtype() if ckpt else config.get("torch_dtype", "float32"))
     if dtype not in verify.DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")
     quant = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode} if quantize else None
+    if ckpt is None:
+        report = restore.restore(source, path, output, dtype, quant, tokenizer, probe_batch, verify_output,
+                                 upload_repo or str(out), log)
+        log(f"[INFO] wrote {out}")
+        if upload_repo:
+            upload(out, upload_repo)
+        return report
     budget = budget or verify.Budget()
-    args = ckpt.args
     mode = "" if q_mode == "affine" else f" {q_mode}"
     stored_as = dtype + (f", {q_bits}-bit{mode} (group {q_group_size})" if quant else "")
     log(f"[INFO] {source}: {ckpt.family}, {args.num_hidden_layers} layers, d={args.hidden_size}, "

@@ -39,11 +39,12 @@ def write_config(directory: Path, args: skipless.ModelArgs, command: str, dtype:
     shutil.copy(skipless.__file__, Path(directory) / MODEL_FILE)
 
 
-def write_weights(directory: Path, params: dict):
-    """Tensors by name, in mlx-lm's shard layout."""
+def write_weights(directory: Path, params: dict, total_parameters: Optional[int] = None):
+    """Tensors by name, in mlx-lm's shard layout; `total_parameters` where the tensors
+    hold packed (quantized) weights."""
     writer = ShardWriter(Path(directory))
     writer.add(params)
-    writer.close(sum(v.size for v in params.values()))
+    writer.close(total_parameters or sum(v.size for v in params.values()))
 
 
 def save(directory: Path, model: skipless.Model, args: skipless.ModelArgs, command: str,

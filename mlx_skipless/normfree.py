@@ -131,7 +131,9 @@ def check_removable(args):
     if not args.block_norm:
         raise ValueError("this model has no norms inside its blocks")
     if args.residual:
-        raise ValueError("this model has residual adds; normfree is for skipless models")
+        raise ValueError("this model keeps residual adds: without its norms it still could not fuse (no "
+                         "matrix moves across a residual add), so normfree, which readies skipless models "
+                         "for fusion, does not apply; mlx_skipless.convert stores it as it is")
 
 
 def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-4, batch_size=16,

@@ -24,7 +24,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from . import cli, counting, fusion
+import numpy as np
+
+from . import cli, counting, fusion, names
 from .models.skipless import ModelArgs
 
 PACKAGE = Path(__file__).resolve().parent
@@ -75,6 +77,8 @@ def summary(name: str, entry: dict) -> dict:
     }
     if entry.get("note"):
         out["note"] = entry["note"]
+    if any(args.removed):  # a form trained reduced: priced against its standard twin
+        return {**out, "form": form_summary(args), "recipes": recipes_of(name)}
     for remove in fusion.square_projections(base):
         r = counting.compare_plan(base, fusion.default_plan(base, remove))
         item = {"removed_per_block": [f.upper() for f in fusion.default_plan(base, remove)[0]],
@@ -88,8 +92,27 @@ def summary(name: str, entry: dict) -> dict:
     out["converter_removes"], out["converter_removes_basis"] = converter_removes(entry, base)
     if "paper" in entry:
         out["paper"] = entry["paper"]
-    out["recipes"] = [n for n, rec in recipes().items() if rec.get("model") == name]
+    out["recipes"] = recipes_of(name)
     return out
+
+
+def recipes_of(name: str) -> list:
+    return [n for n, rec in recipes().items() if rec.get("model") == name]
+
+
+def form_summary(args: ModelArgs) -> dict:
+    """A form trained reduced, against the same shape with every matrix present."""
+    r = counting.compare(replace(args, removed=None), args)
+    letters = {letter for form in args.removed for letter in form}
+    return {"removed_per_block": [m.upper() for m in "qkvp" if m in letters],
+            "standard": r["vanilla"]["total"], "weights": r["reduced"]["total"], "removed": r["removed"],
+            "removed_fraction": r["removed_fraction"], "speedup_predicted": r["speedup_predicted"],
+            "per_block": {"standard": _block_weights(replace(args, removed=None)), "form": _block_weights(args)}}
+
+
+def _block_weights(args: ModelArgs) -> int:
+    first = names.block_key(0)
+    return sum(int(np.prod(s)) for k, s in counting.shapes(args).items() if k.startswith(first))
 
 
 def converter_removes(entry: dict, base: ModelArgs):
@@ -124,6 +147,17 @@ def show(name: str) -> str:
     lines += [f"  {k} = {v}" for k, v in s["config"].items()]
     match = "" if s["parameters_match"] is None else (
         f" (published {s['parameters_published']:,}: {'match' if s['parameters_match'] else 'MISMATCH'})")
+    if "form" in s:
+        f = s["form"]
+        lines += ["", f"weights: {s['parameters']:,}; the same shape with every matrix: {f['standard']:,}",
+                  f"without {' and '.join(f['removed_per_block'])} in every block: {f['removed']:,} fewer "
+                  f"({100 * f['removed_fraction']:.1f}%; per block {f['per_block']['standard']:,} -> "
+                  f"{f['per_block']['form']:,}), predicted batch-1 speedup {f['speedup_predicted']:.3f}x "
+                  "from weights read per token",
+                  "trained in this form (nothing to fuse): convert stores it in another dtype, verified"]
+        if s["recipes"]:
+            lines += ["", "recipes: " + ", ".join(s["recipes"]) + "  (python -m mlx_skipless.zoo run NAME --size tiny)"]
+        return "\n".join(lines)
     lines += ["", f"weights: {s['parameters']:,}{match}", "", "skipless what-if, per component:"]
     lines += [f"  {k:<16} {v:>16,}" for k, v in s["skipless"]["components"].items()]
     if not s["reductions"]:
@@ -157,6 +191,14 @@ def table_rows():
     rows = []
     for name, entry in models().items():
         s = summary(name, entry)
+        if "form" in s:  # trained reduced: its savings against the standard twin
+            f = s["form"]
+            rows.append({"name": name, "parameters": f["standard"], "removed_fraction": f["removed_fraction"],
+                         "after": f["weights"], "speedup_predicted": f["speedup_predicted"],
+                         "speedup_paper_count": f["standard"] / f["weights"],
+                         "removed": " and ".join(f["removed_per_block"]) + " (trained without)",
+                         "paper_claim": None, "parallel": entry["model"].get("parallel_block", False)})
+            continue
         best = min(s["reductions"].values(), key=lambda r: r["after"], default=None)
         rows.append({"name": name, "parameters": s["parameters"],
                      "removed_fraction": best["removed_fraction"] if best else 0.0,

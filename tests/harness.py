@@ -51,6 +51,20 @@ def tokens(n=8, vocab=64, seed=0):
 __all__ = ["tiny_args", "build", "logits", "rel_err", "fused_model", "tokens", "synthetic"]
 
 
+WORDS = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "while", "print",
+         "value", "items", "name", "data", "path", "(", ")", ":", "=", "+", "[", "]", "0", "1"]
+
+
+def write_corpus(directory, files: int = 4, lines: int = 1500):
+    """Python-like text, a few files of it: enough for a tokenizer and a held-out split."""
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    for f in range(files):
+        text = "\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 9))) for _ in range(lines))
+        (directory / f"part{f}.txt").write_text(text + "\n")
+    return directory
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

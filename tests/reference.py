@@ -1,4 +1,5 @@
-"""An independent float64 numpy forward pass of the *vanilla* skipless model.
+"""An independent float64 numpy forward pass of the *vanilla* skipless model, and of
+the standard blocks it is trained from (residual adds, pre-norms).
 
 It shares nothing with the MLX model code but the weight dictionary, in the
 paper's orientation (y = x·W + b), so it checks the MLX modules and the fusion
@@ -94,23 +95,35 @@ def norm(x, kind, gain, bias, eps):
     return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * gain
 
 
+def named_norm(x, w, a, kind, key):
+    """The norm whose gain is w.other[key + ".weight"] (no-op where `kind` is None)."""
+    if not kind:
+        return x
+    b = w.other.get(f"{key}.bias")
+    return norm(x, kind, np.asarray(w.other[f"{key}.weight"], np.float64),
+                0 if b is None else np.asarray(b, np.float64), a.norm_eps)
+
+
 def forward(w, a, tokens, visible=None):
-    """Logits (T, vocab) of the vanilla skipless model for a 1-D token array.
+    """Logits (T, vocab) for a 1-D token array: the vanilla skipless model, or with
+    `a.residual` and `a.block_norm` the standard pre-norm block (x + Attn(norm(x)), then
+    the same around the FFN; parallel: x + Attn(u) + FFN(u) with u = norm(x)).
     visible[t, s]: position t's softmax sees position s (default: causal). The
     causal mean of shaped attention always covers the whole past."""
     x = w.embed[tokens]
     if w.positions is not None:
         x = x + w.positions[: len(tokens)]
+    skip = (lambda x, out: x + out) if a.residual else (lambda x, out: out)
     for i, layer in enumerate(w.layers):
         shape = ({k: w.other[f"model.layers.{i}.self_attn.{k}"] for k in ("alpha", "beta", "gamma")}
                  if a.shaped_attention else None)
+        u = named_norm(x, w, a, a.block_norm, f"model.layers.{i}.input_layernorm")
         if a.parallel_block:
-            x = attention(x, layer, a, shape, visible) + ffn(x, layer, a)
+            x = skip(x, attention(u, layer, a, shape, visible) + ffn(u, layer, a))
         else:
-            x = ffn(attention(x, layer, a, shape, visible), layer, a)
-    if a.final_norm:
-        g = np.asarray(w.other["model.norm.weight"], np.float64)
-        b = w.other.get("model.norm.bias")
-        x = norm(x, a.final_norm, g, 0 if b is None else np.asarray(b, np.float64), a.norm_eps)
+            h = skip(x, attention(u, layer, a, shape, visible))
+            x = skip(h, ffn(named_norm(h, w, a, a.block_norm, f"model.layers.{i}.post_attention_layernorm"),
+                            layer, a))
+    x = named_norm(x, w, a, a.final_norm, "model.norm")
     head = w.embed.T if w.head is None else w.head
     return x @ head

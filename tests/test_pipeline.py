@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import hf_checkpoints as hf
-from harness import greedy_completions_alone_and_together
+from harness import greedy_completions_alone_and_together, write_corpus
 from mlx_skipless import convert as convert_cli, data, modeldir, normfree, train, whatif
 from mlx_skipless.checkpoint import staged_directory
 from mlx_skipless.loading import load_model
@@ -26,20 +26,6 @@ GPT2 = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_atten
             mlp_type="mlp", hidden_act="gelu_new", position_embedding_type="learned",
             attention_bias=True, mlp_bias=True, tie_word_embeddings=True, block_norm="layernorm",
             final_norm="layernorm", residual=False, shaped_attention=True)
-WORDS = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "while", "print",
-         "value", "items", "name", "data", "path", "(", ")", ":", "=", "+", "[", "]", "0", "1"]
-
-
-def write_corpus(directory: Path, files: int = 4, lines: int = 1500) -> Path:
-    """Python-like text, a few files of it: enough for a tokenizer and a held-out split."""
-    rng = np.random.default_rng(0)
-    directory.mkdir(parents=True)
-    for f in range(files):
-        text = "\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 9))) for _ in range(lines))
-        (directory / f"part{f}.txt").write_text(text + "\n")
-    return directory
-
-
 def cli(command: str, *argv, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", f"mlx_skipless.{command}", *map(str, argv)],
                           capture_output=True, text=True, timeout=300)

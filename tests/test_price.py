@@ -58,3 +58,16 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: LABEL=DIR expected
         script().main(["residual", "--data", str(held)])
     assert script().main([f"x={tmp_path / 'missing'}", "--data", str(held)]) == 1
+
+
+def test_the_equal_cost_form_spends_the_saved_bytes_on_ffn_width():
+    from harness import load_script
+    from mlx_skipless import counting
+    from mlx_skipless.models.skipless import ModelArgs
+
+    forms = load_script("price_of_forms")
+    read = lambda cfg: counting.count(ModelArgs(**cfg))["read_per_token"]  # noqa: E731
+    standard, wide = forms.config("256x4", "standard", 2048), forms.config("256x4", "figure-4-wide", 2048)
+    assert wide["intermediate_size"] > standard["intermediate_size"] and wide["removed"] == "qp"
+    assert read(wide) <= read(standard) < read({**wide, "intermediate_size": wide["intermediate_size"] + 32})
+    assert forms.config("256x4", "wq-identity", 2048)["attention_scale"] == 1 / 16  # 1 / (2 sqrt(64))

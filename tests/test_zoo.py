@@ -31,7 +31,7 @@ def test_pythia_gives_the_exact_parallel_figure_and_the_claim_apart(capsys):
 
 
 @pytest.mark.parametrize("name", list(zoo.models()))
-def test_every_config_matches_its_published_parameter_count(name):
+def test_every_config_matches_its_published_or_recorded_parameter_count(name):
     s = zoo.summary(name, zoo.models()[name])
     assert s["parameters_match"], (s["parameters"], s["parameters_published"])
 
@@ -58,13 +58,14 @@ def test_a_failing_step_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert "None" in err  # the step's own reason: the missing checkpoint it was given
 
 
-def check_tiny_run(paths, out):
-    """What a recipe's tiny run must leave: every step's model, converted without block norms,
-    and the generated text last in its log."""
-    assert {"train", "normfree", "convert", "quantize"} <= set(paths)
+def check_tiny_run(paths, out, keeps_skips=False):
+    """What a recipe's tiny run must leave: every step's model, converted (a skipless one
+    without block norms; a form with skips as it was trained), and the generated text
+    last in its log."""
+    assert {"train", "convert", "quantize"} <= set(paths) and keeps_skips != ("normfree" in paths)
     config = json.loads((Path(paths["convert"]) / "config.json").read_text())
     assert config["model_type"] == "skipless" and "conversion" in config
-    assert "block_norm" not in config  # the norms are gone
+    assert ("block_norm" in config) == keeps_skips  # a skipless model's norms are gone
     assert "[INFO] wrote" in out and out.strip().splitlines()[-1]  # generated text comes last
 
 
@@ -73,4 +74,16 @@ def check_tiny_run(paths, out):
 @pytest.mark.parametrize("recipe", [r for r in zoo.recipes() if r != "skipless-python"])
 def test_every_recipe_runs_tiny_end_to_end(recipe, tmp_path, capsys):
     paths = zoo.run(recipe, "tiny", tmp_path, log=lambda *_: None)
-    check_tiny_run(paths, capsys.readouterr().out)
+    model, _ = zoo.sized(recipe, "tiny")
+    check_tiny_run(paths, capsys.readouterr().out, keeps_skips=model.get("residual", False))
+
+
+@pytest.mark.parametrize("name,letters,fraction", [("wq-identity-python", ["Q"], 0.059),
+                                                   ("figure4-python", ["Q", "P"], 0.118),
+                                                   ("figure4-parallel-python", ["Q", "P"], 0.118)])
+def test_forms_are_priced_against_their_standard_twin(name, letters, fraction, capsys):
+    s = show_json(name, capsys)
+    f = s["form"]
+    assert f["removed_per_block"] == letters and f["removed_fraction"] == pytest.approx(fraction, abs=1e-3)
+    d = s["config"]["hidden_size"]
+    assert f["per_block"]["standard"] - f["per_block"]["form"] == len(letters) * d * d
