@@ -4,6 +4,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -42,6 +43,13 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except Exception as e:  # the hub client raises many types; all mean "not available"
         raise CheckpointError(f"could not download {path_or_repo!r}: {e}") from e
+
+
+def recorded_name(path_or_repo) -> str:
+    """How an output records where it came from: a hub repo id as it is, a local directory by
+    its name only (a full path says who and where the user is, and --upload-repo publishes it)."""
+    text = str(path_or_repo)
+    return Path(text).expanduser().resolve().name if Path(text).expanduser().exists() else text
 
 
 def read_json(f: Path, unique_keys: bool = True):
@@ -415,10 +423,45 @@ MODEL_DIR_FILES = ("config.json", "skipless.py", "README.md", "model.safetensors
                    TRAINER_STATE, OPTIMIZER_STATE, TRAINING_DIR) + TOKENIZER_FILES
 
 
-def written_by_us(path: Path) -> Optional[str]:
-    """What wrote the model directory `path`, if this tool did; else None."""
+MANIFEST = ".mlx-skipless-files.json"  # inside every output: the files this tool wrote there, and their sizes
+SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def write_manifest(directory: Path):
+    """Record every file under `directory` (relative path: size): the proof that this tool wrote them."""
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     try:
-        config = json.loads((path / "config.json").read_text())
+        command = json.loads((directory / "config.json").read_text())[WRITER_KEY]["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        command = ""
+    (directory / MANIFEST).write_text(json.dumps({"writer": f"mlx-skipless {command}".strip(), "files": files},
+                                                 indent=1))
+
+
+def read_manifest(path: Path) -> Optional[dict]:
+    """The manifest of an output directory, or None where there is none (or it is not ours)."""
+    f = path / MANIFEST
+    try:
+        if not f.is_file() or f.stat().st_size > 1 << 24:
+            return None
+        manifest = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        return None
+    return manifest
+
+
+def written_by_us(path: Path) -> Optional[str]:
+    """What wrote the model directory `path`, if this tool did (its manifest, or for directories
+    written before manifests, config.json's mark); else None."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return str(manifest.get("writer", "mlx-skipless"))
+    try:
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
     except (OSError, ValueError):
         return None
     if not isinstance(config, dict) or config.get("model_type") != "skipless":
@@ -431,9 +474,19 @@ def written_by_us(path: Path) -> Optional[str]:
     return None
 
 
-def _foreign_entries(path: Path) -> list:
-    return sorted(p.name for p in path.iterdir() if p.name not in MODEL_DIR_FILES
-                  and not (p.name.startswith("model") and p.name.endswith(".safetensors")))
+def foreign_entries(path: Path) -> list:
+    """What under `path` this tool cannot prove it wrote: anything its manifest does not list
+    with that size; without a manifest (older outputs), any name it never writes."""
+    manifest = read_manifest(path)
+    found = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.name != MANIFEST}
+    if manifest is not None:
+        files = manifest["files"]
+        return [name for name, p in found.items()
+                if not (p.is_dir() and not p.is_symlink() and any(f.startswith(name + "/") for f in files))
+                and not (p.is_file() and not p.is_symlink() and files.get(name) == p.stat().st_size)]
+    known = {*MODEL_DIR_FILES, *(f"{TRAINING_DIR}/{n}" for n in (TRAINER_STATE, OPTIMIZER_STATE))}
+    return [name for name, p in found.items() if p.is_symlink()
+            or not (name in known or SHARD.fullmatch(name) or (name == TRAINING_DIR and p.is_dir()))]
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -484,6 +537,7 @@ class OutputDir:
         """Refuse an output that would destroy an input or something not ours, or
         that another process wrote since the first check."""
         given, final = self.given, self.final
+        self._restore_interrupted()
         try:
             st = os.lstat(final)
             found = (st.st_ino, st.st_mtime_ns)
@@ -517,7 +571,7 @@ class OutputDir:
         if writer is None:
             raise CheckpointError(f"{given} exists and is not a model mlx-skipless wrote; --force "
                                   "replaces only those (or an empty directory): choose another path")
-        foreign = _foreign_entries(final)
+        foreign = foreign_entries(final)
         if foreign:
             raise CheckpointError(f"{given} holds files mlx-skipless did not write ({', '.join(foreign[:5])}); "
                                   "move them or choose another path")
@@ -592,14 +646,36 @@ class OutputDir:
                     break
         self.made = []
 
+    def _leftovers(self, kind: str):
+        """(path, pid) of what an earlier run of ours left beside the output: exactly the names
+        stage() makes (.NAME.partial-PID-HEX8, .NAME.old-PID), nothing that merely resembles them."""
+        pattern = re.compile(re.escape(f".{self.final.name}.{kind}-") + (
+            r"(\d+)-[0-9a-f]{8}" if kind == "partial" else r"(\d+)"))
+        for p in self.final.parent.glob(f".{glob.escape(self.final.name)}.{kind}-*"):
+            m = pattern.fullmatch(p.name)
+            if m and p.is_dir() and not p.is_symlink():
+                yield p, int(m.group(1))
+
+    def _restore_interrupted(self):
+        """A run killed between the two renames of its commit left the old output aside and
+        none at the path: put it back before anything else, so no rerun loses it."""
+        if self.final.exists() or self.final.is_symlink() or not self.final.parent.is_dir():
+            return
+        for p, pid in self._leftovers("old"):
+            if pid != os.getpid() and not _pid_alive(pid):
+                try:
+                    p.rename(self.final)
+                except OSError:  # another run restored it first
+                    continue
+                self.log(f"[INFO] restored {self.given} from {p.name}, left by a run interrupted while replacing it")
+                return
+
     def _remove_stale(self):
         for kind in ("partial", "old"):
-            for p in self.final.parent.glob(f".{glob.escape(self.final.name)}.{kind}-*"):
-                pid = p.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
-                if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-                    continue
-                shutil.rmtree(p, ignore_errors=True)
-                self.log(f"[INFO] removed {p.name}, left by an interrupted run")
+            for p, pid in self._leftovers(kind):
+                if pid != os.getpid() and not _pid_alive(pid):
+                    shutil.rmtree(p, ignore_errors=True)
+                    self.log(f"[INFO] removed {p.name}, left by an interrupted run")
 
     @contextmanager
     def stage(self):
@@ -610,6 +686,7 @@ class OutputDir:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        write_manifest(staging)
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
             self.final.rename(old)

@@ -9,6 +9,7 @@ import argparse
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -55,6 +56,63 @@ def add_output_arg(p, help, default=None, required=False):
 def alias(p, flag, dest):
     """An old or alternative spelling of another flag: parsed, not shown in --help."""
     p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+# -- numbers, checked where they enter ----------------------------------------------------------
+
+# Every int and float flag of every command must be finite and positive, except these:
+NON_NEGATIVE = {"budget_kl_ratio", "budget_top1", "temp", "top_k", "seed", "quantized_kv_start",
+                "weight_decay", "orthogonality", "steps_per_norm", "final_steps"}
+FRACTIONS = {  # (lowest, highest, the lowest allowed itself)
+    "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, True), "warmup": (0.0, 0.99, True),
+    "val_fraction": (0.0, 0.99, False), "cooldown": (0.0, 1.0, False),
+}
+BITS = {"q_bits", "kv_bits"}  # 1 to 8 bits a weight
+
+
+def number(kind, dest: str):
+    """An argparse type: `kind` (int or float), finite and within the flag's range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        low, high, closed = FRACTIONS.get(dest, (0, math.inf, dest in NON_NEGATIVE))
+        if dest in BITS:
+            low, high, closed = 1, 8, True
+        if value < low or (value == low and not closed) or value > high:
+            span = ((f"from {low} to {high}" if closed else f"above {low}, up to {high}") if high < math.inf
+                    else "0 or more" if closed else "more than 0")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {span}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+class UsageError(CommandError):
+    """A flag or argument the parser refused: said in one line, as argparse's exit status 2."""
+
+    exit_code = 2
+
+
+def check_numbers(parser: argparse.ArgumentParser):
+    """Give every int and float flag of `parser` and its subcommands a checked type, and make
+    every parsing error a UsageError, reported in one line like every other error (argparse's
+    usage block is what --help is for)."""
+    def error(message):
+        raise UsageError(f"{message} ({parser.prog} --help lists the flags)")
+
+    parser.error = error
+    for action in parser._actions:
+        if action.type in (int, float):
+            action.type = number(action.type, action.dest)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                check_numbers(sub)
+    return parser
 
 
 # -- one way of failing -------------------------------------------------------------------------
@@ -121,13 +179,16 @@ def command(build_parser):
 
     def decorate(body):
         def parse(argv):
-            parser = build_parser()
+            parser = check_numbers(build_parser())
             _add_verbose(parser, default=False)
             return parser.parse_args(argv)
 
         @functools.wraps(body)
         def main(argv=None, **kwargs):
-            opts = parse(argv)
+            try:
+                opts = parse(argv)
+            except UsageError as e:
+                return guarded(functools.partial(_raise, e))
             return guarded(lambda: body(opts, **kwargs), getattr(opts, "verbose", False) is True)
 
         main.build_parser = build_parser
@@ -135,6 +196,10 @@ def command(build_parser):
         return main
 
     return decorate
+
+
+def _raise(error):
+    raise error
 
 
 # -- the README's table of flags ----------------------------------------------------------------

@@ -14,7 +14,9 @@ passes that fuse, store and verify), report, card (the model's README), upload.
 """
 
 import argparse
+import inspect
 import sys
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +24,9 @@ import numpy as np
 
 from . import cli, counting, families, fusion, modeldir, planner, restore, verify
 from .card import model_card
-from .checkpoint import TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer, read_config, resolve
-from .loading import SkiplessCheckpoint, check_quantization, load_tokenizer
+from .checkpoint import (TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer, read_config,
+                         recorded_name, resolve)
+from .loading import SkiplessCheckpoint, check_quantization, check_tokenizer_fits, load_tokenizer
 from .report import build_report, log_report
 from .models.skipless import ModelArgs
 from .streaming import Passes, keep_freed_memory, products_for
@@ -62,9 +65,11 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     args = ckpt.args if ckpt else ModelArgs(**families.model_fields(config))
     # The tokenizer must load before any work, or the output could convert and then not generate.
     tokenizer = Path(tokenizer) if tokenizer else path
-    if load_tokenizer(tokenizer) is None:  # else it loads, or the error names the bad file
+    loaded = load_tokenizer(tokenizer)  # it loads, or the error names the bad file
+    if loaded is None:
         raise CheckpointError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
                               "the converted model could not generate; pass --tokenizer DIR to ship one")
+    check_tokenizer_fits(loaded, args.vocab_size, tokenizer)
     if quantize:
         check_quantization(args, q_group_size, q_bits)
     dtype = dtype or (ckpt.dtype() if ckpt else config.get("torch_dtype", "float32"))
@@ -72,7 +77,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")
     quant = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode} if quantize else None
     if ckpt is None:
-        report = restore.restore(source, path, output, dtype, quant, tokenizer, probe_batch, verify_output,
+        report = restore.restore(recorded_name(source), path, output, dtype, quant, tokenizer, probe_batch, verify_output,
                                  upload_repo or str(out), log)
         log(f"[INFO] wrote {out}")
         if upload_repo:
@@ -102,7 +107,7 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         for i, note in notes.items():
             log(f"[layer {i}] {note}")
 
-        report = build_report(source, ckpt, args, result.args, forms, notes, result.inverted, dtype, quant)
+        report = build_report(recorded_name(source), ckpt, args, result.args, forms, notes, result.inverted, dtype, quant)
         if planning:
             report["plan"] = planning
         if result.verification:
@@ -186,6 +191,18 @@ def main(opts):
     keep_freed_memory()
     convert(**opts)
 
+
+class _CallableModule(types.ModuleType):
+    """The package exports `convert()`, and importing this module makes `mlx_skipless.convert`
+    the module itself (Python binds a submodule to its package's attribute): so calling the
+    module calls the function, and `mlx_skipless.convert(...)` works before and after."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__signature__ = inspect.signature(convert)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,13 +26,15 @@ from email.message import Message
 import hashlib
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Dict, Optional, Sequence, Tuple
+
+from . import cli
+from .checkpoint import OutputDir, written_by_us
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
@@ -140,9 +142,11 @@ def stdlib_sources(root: Path) -> Dict[str, bytes]:
 
 
 def build(out: Path, wheels: Path, packages: Dict[str, str] = None, held_out: Sequence[str] = HELD_OUT,
-          stdlib: Optional[Path] = None, log=print) -> dict:
+          stdlib: Optional[Path] = None, log=print, force: bool = False) -> dict:
     """Unpack the pinned wheels in `wheels` (and `stdlib`'s sources, if given) into
-    out/train and out/heldout; write and return the manifest."""
+    out/train and out/heldout; write and return the manifest. `out` is claimed as every
+    output is (checkpoint.OutputDir): whole or absent, and with `force` it replaces only
+    a corpus this tool built."""
     packages = PACKAGES if packages is None else packages
     held = {normalize(n) for n in held_out}
     unknown = held - {normalize(n) for n in packages}
@@ -163,8 +167,19 @@ def build(out: Path, wheels: Path, packages: Dict[str, str] = None, held_out: Se
                        "split": "train", "archive": str(stdlib), "sha256": None}, stdlib_sources(stdlib)))
     held_hashes = {hashlib.sha256(b).digest() for meta, src in trees if meta["split"] == "heldout"
                    for b in src.values() if b.strip()}  # empty __init__.py files are everywhere
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with OutputDir(out, force, inputs=[wheels] + ([stdlib] if stdlib else []), log=log) as claim, \
+            claim.stage() as tmp:
+        _unpack(tmp, trees, held_hashes, entries, log)
+        manifest = {"format": "mlx-skipless python corpus 1", "python": platform.python_version(),
+                    "held_out": sorted(held),
+                    "splits": {s: {"files": sum(e["files"] for e in entries if e["split"] == s),
+                                   "bytes": sum(e["bytes"] for e in entries if e["split"] == s)} for s in SPLITS},
+                    "packages": entries}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _unpack(tmp: Path, trees, held_hashes, entries: list, log):
     for meta, sources in trees:
         target = tmp / meta["split"] / f"{meta['package']}-{meta['version']}"
         kept = {p: b for p, b in sources.items()
@@ -177,15 +192,6 @@ def build(out: Path, wheels: Path, packages: Dict[str, str] = None, held_out: Se
         entries.append(meta)
         log(f"[INFO] {meta['split']:>7}: {meta['package']} {meta['version']} ({meta['licence']}), "
             f"{meta['files']} files, {meta['bytes']:,} bytes")
-    manifest = {"format": "mlx-skipless python corpus 1", "python": platform.python_version(),
-                "held_out": sorted(held),
-                "splits": {s: {"files": sum(e["files"] for e in entries if e["split"] == s),
-                               "bytes": sum(e["bytes"] for e in entries if e["split"] == s)} for s in SPLITS},
-                "packages": entries}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # a corpus is whole or absent
-    return manifest
 
 
 def split_of(path: Path, split: str) -> Path:
@@ -200,23 +206,21 @@ def build_parser():
     p.add_argument("--wheels", help="wheel cache (default: OUT/../wheels); missing wheels are fetched with pip")
     p.add_argument("--no-stdlib", action="store_true", help="PyPI packages only")
     p.add_argument("--offline", action="store_true", help="use the wheels in --wheels; never run pip")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--force", action="store_true", help="rebuild OUT if it holds a corpus this tool built")
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
+@cli.command(build_parser)
+def main(o):
     out = Path(o.out).expanduser().resolve()
     wheels = Path(o.wheels).expanduser() if o.wheels else out.parent / "wheels"
-    try:
-        if not o.offline:
-            download(PACKAGES, wheels)
-        m = build(out, wheels, stdlib=None if o.no_stdlib else Path(sysconfig.get_paths()["stdlib"]))
-    except (FileNotFoundError, ValueError, zipfile.BadZipFile) as e:
-        if o.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if (out / MANIFEST).is_file() and not o.force and written_by_us(out):
+        print(f"[INFO] {out} already holds a corpus; --force rebuilds it")
+        return 0
+    OutputDir(out, o.force).check()  # before any download
+    if not o.offline:
+        download(PACKAGES, wheels)
+    m = build(out, wheels, stdlib=None if o.no_stdlib else Path(sysconfig.get_paths()["stdlib"]), force=o.force)
     s = m["splits"]
     print(f"[INFO] wrote {out}: train {s['train']['files']} files, {s['train']['bytes']:,} bytes; "
           f"held out ({', '.join(m['held_out'])}) {s['heldout']['files']} files, {s['heldout']['bytes']:,} bytes")

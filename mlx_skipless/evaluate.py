@@ -28,8 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import corpus, data
-from .checkpoint import CheckpointError, read_config, resolve
+from . import cli, corpus, data
+from .checkpoint import read_config, resolve
 from .convert import DEFAULT_SOURCE
 
 PATTERNS = ("*.py",)
@@ -89,7 +89,11 @@ def evaluate(model, tok, texts: Sequence[str], context: int, stride: int = None,
         raise ValueError(f"the tokenizer has no {data.EOS} token to separate files with")
     ids = np.concatenate([[eos], data.encode(tok, texts)]).astype(np.int32)
     raw = "".join(texts).encode("utf-8")
+    if not raw:
+        raise ValueError(f"nothing to score: the {len(texts)} file(s) are empty")
     bits = nll_bits(model, ids, context, stride, batch_size, progress)
+    if not math.isfinite(bits):
+        raise ValueError(f"the model's loss on this text is {bits}: its weights or logits are not finite")
     return {"bits_per_byte": bits / len(raw), "nats_per_token": bits * math.log(2) / (len(ids) - 1),
             "tokens": len(ids) - 1, "bytes": len(raw), "files": len(texts), "context": context,
             "stride": stride, "compressors": compressed_bits_per_byte(raw)}
@@ -100,11 +104,17 @@ def load(path: str):
     from .loading import load_model
 
     path = resolve(path)
+    from .loading import check_tokenizer_fits
+
     model, config = load_model(str(path))
     context = read_config(path).get("max_position_embeddings")
     if not context:
         raise ValueError(f"{path}: config.json names no max_position_embeddings (the model's context)")
-    return model, data.load_tokenizer(path), int(context)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path} has no tokenizer.json to score text with")
+    tok = data.load_tokenizer(path)
+    check_tokenizer_fits(tok, model.args.vocab_size, path)
+    return model, tok, int(context)
 
 
 def report(name: str, r: dict) -> str:
@@ -126,26 +136,19 @@ def build_parser():
                         f"held-out packages (default: 'corpus', the one built in {corpus.DEFAULT_OUT})")
     p.add_argument("--stride", type=int, help="tokens each window advances (default: half the context)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
 
-def main(argv=None):
-    o = build_parser().parse_args(argv)
-    try:
-        files = read_files(o.data)
-        model, tok, context = load(o.model)
-        texts = data.read_texts(files)
-        from tqdm import tqdm
+@cli.command(build_parser)
+def main(o):
+    files = read_files(o.data)
+    model, tok, context = load(o.model)
+    texts = data.read_texts(files)
+    from tqdm import tqdm
 
-        with tqdm(desc="scoring", unit="window", disable=o.json, file=sys.stderr) as bar:
-            r = evaluate(model, tok, texts, context, o.stride, o.batch_size, bar.update)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
-        if o.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with tqdm(desc="scoring", unit="window", disable=o.json, file=sys.stderr) as bar:
+        r = evaluate(model, tok, texts, context, o.stride, o.batch_size, bar.update)
     r["model"], r["data"] = o.model, o.data
     print(json.dumps(r, indent=2) if o.json else report(o.model, r))
     return 0

@@ -150,7 +150,14 @@ def check_config(config: dict, where: str):
         if optional:
             if value is None:
                 continue
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            rest = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        if typing.get_origin(kind) is typing.Union:  # one of several shapes (removed: a list, or one string)
+            shapes = tuple(typing.get_origin(a) or a for a in typing.get_args(kind))
+            if isinstance(value, shapes):
+                continue
+            raise CheckpointError(f"{where}: config.json's {key!r} must be one of "
+                                  f"{', '.join(t.__name__ for t in shapes)}, not {json.dumps(value)[:80]}")
         kind = typing.get_origin(kind) or kind
         if kind is bool and type(value) is not bool:
             want = 'true or false (a JSON boolean: Python reads the string "false" as true)'

@@ -147,6 +147,18 @@ def load_tokenizer(path, eos_token_id=None, tokenizer_config: Optional[dict] = N
         logging.set_verbosity(verbosity)
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, where):
+    """Refuse a tokenizer whose ids reach past the model's embedding (mlx-lm's tokenizer
+    wrapper, or a `tokenizers.Tokenizer`): those ids would read outside it."""
+    if hasattr(tokenizer, "get_vocab_size"):
+        n = tokenizer.get_vocab_size()
+    else:
+        n = max(tokenizer.get_vocab().values(), default=-1) + 1
+    if n > vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {n:,} token ids but the model's embedding only "
+                              f"{vocab_size:,} rows; use the tokenizer the model was trained with")
+
+
 def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
          assume_skipless: bool = False, tokenizer_config: Optional[dict] = None):
     """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
@@ -155,4 +167,5 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
     tokenizer = load_tokenizer(path, config.get("eos_token_id"), tokenizer_config)
     if tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    check_tokenizer_fits(tokenizer, model.args.vocab_size, path)
     return model, tokenizer

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import __version__
 from .checkpoint import (OPTIMIZER_STATE as OPTIMIZER, TRAINER_STATE as STATE, TRAINING_DIR, WRITER_KEY,
-                         CheckpointError, ShardWriter, read_config)
+                         CheckpointError, ShardWriter, read_config, read_header, read_json)
 from .models import skipless
 
 MODEL_FILE = "skipless.py"
@@ -87,7 +87,6 @@ def _training_file(path: Path, name: str) -> Path:
 def read(path) -> Loaded:
     """A model directory any command wrote: model, args, tokenizer, trainer state."""
     from . import data
-    from .loading import load_model
 
     path = Path(path)
     if not path.is_dir():
@@ -96,19 +95,34 @@ def read(path) -> Loaded:
     if config.get("model_type") != "skipless":
         raise CheckpointError(f"{path} is not a skipless model directory (model_type "
                               f"{config.get('model_type')!r}); convert it with mlx_skipless.convert first")
+    from .loading import check_tokenizer_fits, load_model
+
     model, _ = load_model(str(path))
-    tokenizer = data.load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    tokenizer = data.load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, model.args.vocab_size, path)
     return Loaded(model, model.args, tokenizer, training_state(path))
 
 
 def training_state(path) -> dict:
     """The trainer's state of a run directory (step, options, history); {} where none."""
     state = _training_file(Path(path), STATE)
-    return json.loads(state.read_text()) if state.exists() else {}
+    if not state.exists():
+        return {}
+    record = read_json(state)  # a regular file of JSON, or a one-line error
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{state} must hold a JSON object")
+    return record
 
 
 def read_optimizer_state(path):
     f = _training_file(Path(path), OPTIMIZER)
     if not f.exists():
         raise CheckpointError(f"{path} has no optimizer state to resume from ({TRAINING_DIR}/{OPTIMIZER})")
-    return tree_unflatten(list(mx.load(str(f)).items()))
+    read_header(f)  # a regular file with a sound safetensors header, before MLX's reader sees it
+    state = mx.load(str(f))
+    bad = next((k for k, v in state.items() if not mx.isfinite(v).all().item()), None)
+    if bad is not None:
+        raise CheckpointError(f"{f}: the optimizer state {bad!r} holds non-finite values; resuming from it "
+                              "would turn the weights to NaN")
+    return tree_unflatten(list(state.items()))

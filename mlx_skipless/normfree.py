@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from . import cli, data, modeldir, names
 from .loss import cross_entropy, evaluate
-from .checkpoint import OutputDir
+from .checkpoint import OutputDir, recorded_name
 from .models.skipless import Model, ModelArgs
 from .names import EMBED, FFN_INPUTS, FFN_NORM, FFN_OUTPUTS, HEAD, INPUT_NORM
 from .norms import FixedNorm, ScaleRecorder, center_output, fold
@@ -62,14 +62,22 @@ def producers(args: ModelArgs, i: int, norm: str, flat: dict):
             for kind in ("weight", "bias") if f"{p}.{kind}" in flat]
 
 
-def finetune(model, corpus, optimizer, steps, start, batch_size, context, seed):
+def finetune(model, corpus, optimizer, steps, start, batch_size, context, seed, desc=None):
+    """`steps` fine-tuning steps from `start`; with `desc`, a progress bar (on stderr) so that a
+    long stretch is never silent."""
+    from tqdm import tqdm
+
     loss_and_grad = nn.value_and_grad(model, cross_entropy)
-    for step in range(start, start + steps):
-        x, y = corpus.batch(step, batch_size, context, seed)
-        loss, grads = loss_and_grad(model, mx.array(x), mx.array(y))
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, loss)
+    with tqdm(total=steps, desc=desc, unit="step", disable=desc is None or not steps, file=sys.stderr,
+              leave=False) as bar:
+        for step in range(start, start + steps):
+            x, y = corpus.batch(step, batch_size, context, seed)
+            loss, grads = loss_and_grad(model, mx.array(x), mx.array(y))
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
     return start + steps
 
 
@@ -156,13 +164,15 @@ def remove_norms(model, args, corpus, steps_per_norm=20, final_steps=200, lr=2e-
     for i, name in schedule(args):
         scale = freeze_norm(model, corpus, i, name, calibration_batches, batch_size, context)
         frozen = score(model)
-        step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed)
+        step = finetune(model, corpus, optimizer, steps_per_norm, step, batch_size, context, seed,
+                        desc=f"layer {i} {name}")
         stage = {"layer": i, "norm": name, "scale": scale, "val_loss_frozen": frozen,
                  "val_loss_finetuned": score(model) if steps_per_norm else frozen}
         report["stages"].append(stage)
         log(f"[normfree] layer {i} {name}: scale {scale:.3g}, loss {frozen:.4f} frozen, "
             f"{stage['val_loss_finetuned']:.4f} after {steps_per_norm} steps")
-    step = finetune(model, corpus, optimizer, final_steps, step, batch_size, context, seed)
+    log(f"[normfree] every norm frozen: {final_steps} final fine-tuning steps")
+    step = finetune(model, corpus, optimizer, final_steps, step, batch_size, context, seed, desc="final steps")
     report["val_loss_fixed_norms"] = score(model)
     folded, new_args = fold_norms(model, args)
     report["val_loss_norm_free"] = score(folded)
@@ -205,7 +215,7 @@ def main(o):
     folded, new_args, report = remove_norms(
         model, args, corpus, o.steps_per_norm, o.final_steps, o.lr, o.batch_size, context,
         o.calibration_batches, o.seed, eval_batches=o.eval_batches)
-    report["source"] = str(o.model)
+    report["source"] = recorded_name(o.model)
     report["trained"] = state  # the run it came from: options, steps, losses
     with output, output.stage() as staging:
         modeldir.save(staging, folded, new_args, "normfree", tok, record=report)

@@ -24,10 +24,16 @@ from .report import log_report, verification_record
 
 
 def has_nothing_to_fuse(config: dict) -> bool:
-    """A model of this project's own type whose blocks keep skips or norms, or that
-    was trained reduced (and so has no vanilla original to fuse from)."""
-    return config.get("model_type") == "skipless" and bool(
-        config.get("residual") or config.get("block_norm") or any(config.get("removed") or ()))
+    """A model of this project's own type whose blocks keep skips or norms, or that was
+    trained reduced (and so has no vanilla original to fuse from). A model that fusion
+    reduced is not one: its vanilla original is what to convert."""
+    if config.get("model_type") != "skipless":
+        return False
+    if config.get("residual") or config.get("block_norm"):
+        return True
+    conversion = config.get("conversion")
+    fused = isinstance(conversion, dict) and "restored" not in conversion
+    return bool(any(config.get("removed") or ())) and not fused
 
 
 def why(args: ModelArgs) -> str:

@@ -50,6 +50,7 @@ d 256 x 4 nothing changes. d 256 x 8 then keeps cosine 0.03-0.14 in layers 0-6
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -86,8 +87,16 @@ def read_model_config(path: str) -> dict:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such model config")
-    config = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-    config = config.get("model", config)
+    if not p.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    try:
+        config = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except ValueError as e:  # both parsers' errors are ValueErrors
+        raise ValueError(f"{path}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+    config = config.get("model", config) if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a model config is a JSON object (or TOML table) of ModelArgs fields")
+    families.check_config(config, path)  # typed as the converter reads config.json: "false" is no boolean
     return families.model_fields(config)
 
 
@@ -323,7 +332,33 @@ def train(model, args, tok, corpus, out: Path, steps: int, batch_size: int = 16,
                     "resume it with more --steps to extend the run")
     if bar:
         bar.close()
+    final = state["history"][-1]["val_loss"] if state["history"] else None
+    if lead and final is not None and final > math.log(args.vocab_size):
+        log(f"[WARNING] validation loss {final:.3f} is worse than guessing every token uniformly "
+            f"(ln {args.vocab_size} = {math.log(args.vocab_size):.3f}): this run did not learn; try a lower --lr")
     return state
+
+
+def matmul_rate() -> float:
+    """MLX's float32 matmul rate here, GFLOP/s, from a few 512-wide products (~0.1 s at worst)."""
+    a = mx.random.normal((512, 512))
+    mx.eval(a @ a)
+    start = time.perf_counter()
+    for _ in range(4):
+        mx.eval(a @ a)
+    return 4 * 2 * 512**3 / (time.perf_counter() - start) / 1e9
+
+
+def warn_if_slow(log=print):
+    """Linux's mlx[cpu] wheel multiplies through a reference BLAS, tens of times slower than
+    an optimized one: say so in one line before hours of training."""
+    if mx.default_device() != mx.cpu:
+        return
+    rate = matmul_rate()
+    if rate < 10:
+        log(f"[WARNING] MLX multiplies at {rate:.1f} GFLOP/s on this CPU, too slow to train: on Linux, "
+            "install OpenBLAS (apt-get install libopenblas0-pthread) and run with "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 
 
 def build_parser():
@@ -394,6 +429,7 @@ def settle_options(o, recorded: Optional[dict] = None, log=print):
 @cli.command(build_parser)
 def main(o):
     out = Path(o.mlx_path)
+    given_vocab = o.vocab_size  # None unless given: the config's size then wins over the default
     optimizer_state = None
     if o.resume:
         model, args, tok, state = modeldir.read(out)
@@ -415,14 +451,16 @@ def main(o):
         fields = read_model_config(o.config)
         if o.tokenizer:
             tok = data.load_tokenizer(o.tokenizer)
-        else:
-            tok = data.cached_tokenizer(data.find_files(o.data), o.vocab_size)
+        else:  # the config's vocabulary size, unless --vocab-size says otherwise
+            vocab = given_vocab or fields.get("vocab_size") or o.vocab_size
+            tok = data.cached_tokenizer(data.find_files(o.data), vocab)
         fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=o.context)
         args = ModelArgs(**fields)
         model = Model(args)
         initialize(model, o.seed, o.q_init_scale)
         state = None
     corpus = data.Corpus.build(o.data, tok, o.val_fraction)
+    warn_if_slow()
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[INFO] {n:,} parameters; {len(corpus.train):,} training and {len(corpus.val):,} "
           f"validation tokens from {corpus.files} files")

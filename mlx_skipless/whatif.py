@@ -35,8 +35,76 @@ GGUF_GROUP = 32  # every ggml block format (Q4_0, Q4_1, Q8_0) quantizes groups o
 PROBE_SEED = 1  # not the converter's probe (seed 0): calibration and verification stay apart
 
 
+# ggml tensor types MLX reads: (bytes per block, values per block)
+GGML_SIZES = {0: (4, 1), 1: (2, 1), 2: (18, 32), 3: (20, 32), 8: (34, 32), 30: (2, 1)}
+GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def check_gguf(path: Path):
+    """Walk a GGUF file's header, metadata and tensor table, and refuse it unless every
+    length stays inside the file and every tensor's data fits: MLX's reader trusts them
+    (a malformed file crashes the process there)."""
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def take(n):
+            if n < 0 or f.tell() + n > size:
+                raise ValueError(f"{path} is not a well-formed GGUF file (it ends inside its header)")
+            return f.read(n)
+
+        def u(fmt):
+            return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+        def string():
+            return take(u("Q"))
+
+        def value(kind, depth=0):
+            if kind in GGUF_SCALARS:
+                take(GGUF_SCALARS[kind])
+            elif kind == 8:
+                string()
+            elif kind == 9 and depth < 2:
+                inner, n = u("I"), u("Q")
+                if inner in GGUF_SCALARS:
+                    take(GGUF_SCALARS[inner] * n)
+                else:
+                    for _ in range(n):
+                        value(inner, depth + 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF metadata type {kind}")
+
+        if take(4) != b"GGUF" or u("I") not in (2, 3):
+            raise ValueError(f"{path} is not a GGUF file (version 2 or 3)")
+        tensors, kvs = u("Q"), u("Q")
+        if tensors > size // 24 or kvs > size // 12:  # each entry takes at least that many bytes
+            raise ValueError(f"{path} is not a well-formed GGUF file (counts larger than the file)")
+        for _ in range(kvs):
+            string()
+            value(u("I"))
+        table = []
+        for _ in range(tensors):
+            name, dims = string(), u("I")
+            if dims > 4:
+                raise ValueError(f"{path}: tensor {name[:40]!r} has {dims} dimensions")
+            shape = [u("Q") for _ in range(dims)]
+            kind, offset = u("I"), u("Q")
+            if kind not in GGML_SIZES:
+                raise ValueError(f"{path}: tensor {name[:40]!r} has a ggml type ({kind}) MLX does not read")
+            count = int(np.prod(shape, dtype=object))
+            per_block, values = GGML_SIZES[kind]
+            table.append((offset, count // values * per_block))
+        start = -(-f.tell() // 32) * 32  # data is aligned to 32 bytes
+        if any(start + offset + n > size for offset, n in table):
+            raise ValueError(f"{path} is truncated: a tensor's data runs past the end of the file")
+
+
 def read_gguf(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     """({name: float64 array}, metadata) with quantized tensors dequantized."""
+    check_gguf(Path(path))
     raw, meta = mx.load(str(path), return_metadata=True)
     out = {}
     for name, w in raw.items():
@@ -48,6 +116,8 @@ def read_gguf(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
             fan_in = scales.shape[-1] * GGUF_GROUP
             w = mx.dequantize(w, scales, biases, group_size=GGUF_GROUP, bits=32 * w.shape[-1] // fan_in)
         out[name] = np.array(w.astype(mx.float32), dtype=np.float64)
+        if not np.isfinite(out[name]).all():
+            raise ValueError(f"{path}: tensor {name!r} holds non-finite values")
     return out, meta
 
 

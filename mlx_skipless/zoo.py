@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 
 from . import cli, counting, fusion, names
+from .checkpoint import foreign_entries, read_config, written_by_us
 from .models.skipless import ModelArgs
 
 PACKAGE = Path(__file__).resolve().parent
@@ -72,7 +73,9 @@ def summary(name: str, entry: dict) -> dict:
     out = {
         "name": name, "title": entry.get("title", name), "source": entry.get("source"),
         "config": entry["model"], "parameters": total, "parameters_published": published,
-        "parameters_match": None if not published else abs(total / published - 1) <= 0.005,
+        # exact, once what the entry says this model does not count (`uncounted`) is added
+        "parameters_match": None if not published else total + entry.get("uncounted", 0) == published,
+        "parameters_uncounted": entry.get("uncounted", 0),
         "skipless": counting.count(base), "reductions": {},
     }
     if entry.get("note"):
@@ -145,8 +148,9 @@ def show(name: str) -> str:
     s = summary(name, lookup(models(), name, "model"))
     lines = [f"{s['title']}  ({s['source']})", ""]
     lines += [f"  {k} = {v}" for k, v in s["config"].items()]
+    uncounted = f", of which {s['parameters_uncounted']:,} not counted here" if s["parameters_uncounted"] else ""
     match = "" if s["parameters_match"] is None else (
-        f" (published {s['parameters_published']:,}: {'match' if s['parameters_match'] else 'MISMATCH'})")
+        f" (published {s['parameters_published']:,}{uncounted}: {'match' if s['parameters_match'] else 'MISMATCH'})")
     if "form" in s:
         f = s["form"]
         lines += ["", f"weights: {s['parameters']:,}; the same shape with every matrix: {f['standard']:,}",
@@ -276,6 +280,43 @@ def sized(name: str, size: str):
     return model, [(s["step"], {**s.get("args", {}), **chosen.get(s["step"], {})}) for s in recipe["steps"]]
 
 
+RUN_MARK = "zoo-run.json"  # a zoo run's own mark, and the model config its train step reads
+
+
+def claim_run(out: Path, kinds, force: bool, resume: bool) -> bool:
+    """Check that `out` may hold this run: absent, empty, or an earlier zoo run of which every
+    entry is the mark or a step's model directory this tool wrote and nobody added to. With
+    `force`, remove those models (True); an earlier run without `force` or `resume` is refused."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise cli.CommandError(f"{out} exists and is not a directory: choose another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if not entries:
+        return False
+    try:
+        mark = json.loads((out / RUN_MARK).read_text()) if (out / RUN_MARK).is_file() else None
+    except (OSError, ValueError):
+        mark = None
+    if not isinstance(mark, dict) or mark.get("writer") != "mlx-skipless zoo":
+        raise cli.CommandError(f"{out} is not empty and holds no zoo run (no {RUN_MARK} of ours): "
+                               "choose another --out")
+    ours = {RUN_MARK, *kinds}
+    foreign = [e for e in entries if e not in ours] + [
+        f"{k}/{f}" for k in kinds if (out / k).exists()
+        for f in (["(not written by mlx-skipless)"] if not written_by_us(out / k) else foreign_entries(out / k))]
+    if foreign:
+        raise cli.CommandError(f"{out} holds what no zoo run wrote ({', '.join(foreign[:5])}): move it or "
+                               "choose another --out")
+    if force:
+        for k in kinds:
+            if (out / k).exists():
+                shutil.rmtree(out / k)
+        return True
+    if not resume:
+        raise cli.CommandError(f"{out} holds an earlier run: pass --resume to continue its training "
+                               "(and redo the later steps) or --force to start over")
+    return False
+
+
 def run(name: str, size: str, out: Path, log=print, force: bool = False, resume: bool = False) -> dict:
     """Run a recipe's steps in order, each output feeding the next; returns the paths.
     An existing work directory is refused unless `force` (start over) or `resume`
@@ -283,24 +324,18 @@ def run(name: str, size: str, out: Path, log=print, force: bool = False, resume:
     from . import convert, generate, normfree, train
 
     model, steps = sized(name, size)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "model.json").exists():
-            raise cli.CommandError(f"{out} is not empty and holds no zoo run (no model.json): choose another --out")
-        if force:
-            log(f"[zoo] --force: removing the earlier run in {out}")
-            shutil.rmtree(out)
-        elif not resume:
-            raise cli.CommandError(f"{out} holds an earlier run: pass --resume to continue its training "
-                                   "(and redo the later steps) or --force to start over")
+    if claim_run(out, [kind for kind, _ in steps], force, resume):
+        log(f"[zoo] --force: removing the earlier run's models in {out}")
     resume = resume and (out / "train").exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").write_text(json.dumps(model, indent=2))
+    (out / RUN_MARK).write_text(json.dumps({"writer": "mlx-skipless zoo", "recipe": name, "size": size,
+                                            "model": model}, indent=2))
     paths, source, latest = {}, None, None  # source: the newest unconverted checkpoint
     for kind, options in steps:
         target = out / kind
         log(f"[zoo] {name} ({size}): {kind}")
         if kind == "train":
-            step, argv = train, ["--config", str(out / "model.json"), "--mlx-path", str(target)] + (
+            step, argv = train, ["--config", str(out / RUN_MARK), "--mlx-path", str(target)] + (
                 ["--resume"] if resume else [])
         elif kind == "normfree":
             step, argv = normfree, ["--model", str(source), "--mlx-path", str(target), "--force"]
@@ -363,7 +398,7 @@ def main(o):
             print("models:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["models"].items()))
             print("recipes:\n" + "\n".join(f"  {n:<18} {t}" for n, t in items["recipes"].items()))
     elif o.command == "show" and (Path(o.name) / "config.json").exists():
-        report = json.loads((Path(o.name) / "config.json").read_text()).get("conversion")
+        report = read_config(Path(o.name)).get("conversion")  # a regular file of JSON, or a one-line error
         if report is None:
             raise KeyError(f"{o.name} is not a model converted by mlx-skipless (no 'conversion' in its config.json)")
         print(json.dumps(report, indent=2) if o.json else converted(report))

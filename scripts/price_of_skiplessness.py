@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import describe_machine, measure, weight_bytes  # noqa: E402
@@ -64,7 +65,8 @@ def run(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> d
     for label, path in runs:
         model, tok, context = evaluate.load(path)
         log(f"[INFO] scoring {label} ({path})")
-        r = evaluate.evaluate(model, tok, texts, context, stride)
+        with tqdm(desc=f"scoring {label}", unit="window", file=sys.stderr, leave=False) as bar:
+            r = evaluate.evaluate(model, tok, texts, context, stride, progress=bar.update)
         config = json.loads((Path(path) / "config.json").read_text())
         rows.append({"label": label, "path": str(path), "form": describe(config),
                      "parameters": weight_count(model),

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_skipless.checkpoint import CheckpointError, ShardWriter, TensorSource, staged_directory
+from mlx_skipless.checkpoint import MANIFEST, CheckpointError, ShardWriter, TensorSource, staged_directory
 
 
 def write_shards(path, tensors, max_bytes):
@@ -66,7 +66,7 @@ def test_staged_directory_is_all_or_nothing(tmp_path):
             pass
     with staged_directory(final, force=True) as staging:
         (staging / "README.md").write_text("replaced")
-    assert sorted(p.name for p in final.iterdir()) == ["README.md"]
+    assert sorted(p.name for p in final.iterdir()) == [MANIFEST, "README.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import hf_checkpoints as hf
 from mlx_skipless import convert as convert_cli
-from mlx_skipless.checkpoint import CheckpointError, staged_directory
+from mlx_skipless.checkpoint import MANIFEST, CheckpointError, staged_directory
 from mlx_skipless.convert import convert
 
 
@@ -130,7 +130,7 @@ def test_an_output_written_meanwhile_is_not_replaced(src, tmp_path):
 
     with pytest.raises(CheckpointError, match="written by another process"):
         convert(str(src), str(out), force=True, progress=False, log=another_run_finishes)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "config.json"]
 
 
 SIGTERM_MIDWAY = """
@@ -164,17 +164,34 @@ def test_a_refused_conversion_leaves_no_directories_it_made(src, tmp_path):
 def test_stale_partials_of_dead_runs_are_removed(src, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    stale = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / ".out.partial-k3j2h1g0",  # mkdtemp's
-             tmp_path / f".out.old-{dead}"]
-    for p in stale:
+    stale = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / f".out.old-{dead}"]
+    # only the exact names a run makes are leftovers: look-alikes are the user's
+    kept = [".other.partial-1-00000000", ".out.old-v1", ".out.partial-draft", ".out.partial-k3j2h1g0",
+            f".out.partial-{dead}-0a1b2c3d-copy"]
+    (tmp_path / "out").mkdir()  # (so the old output is not restored in its place)
+    (tmp_path / "out" / "config.json").write_text("{}")
+    for p in stale + [tmp_path / k for k in kept]:
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"\0" * 1024)
-    other = tmp_path / ".other.partial-1-00000000"  # another output's: not ours to remove
-    other.mkdir()
-    code, err = run_cli(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out")], capsys)
+    (tmp_path / "out").joinpath("config.json").unlink()
+    code, err = run_cli(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--force"], capsys)
     assert code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1-00000000", "out", "proj"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out", "proj"])
     assert "left by an interrupted run" in err
+
+
+def test_a_run_killed_between_the_two_renames_loses_nothing(src, tmp_path, capsys):
+    """The old output renamed aside, the new one not yet in place, then SIGKILL: a rerun puts the
+    old one back before anything else."""
+    out = tmp_path / "out"
+    assert run_cli(["--hf-path", str(src), "--mlx-path", str(out)], capsys)[0] == 0
+    before = (out / "config.json").read_bytes()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    out.rename(tmp_path / f".out.old-{dead}")
+    code, err = run_cli(["--hf-path", str(src), "--mlx-path", str(out)], capsys)
+    assert code == 1 and "exists; pass --force" in err and "restored" in err
+    assert (out / "config.json").read_bytes() == before
 
 
 def test_output_gets_normal_permissions(src, tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 import hf_checkpoints
 
@@ -78,4 +79,30 @@ def test_whatif_cli_errors_are_one_line(tmp_path, capsys):
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(1))
     assert whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "o"), "--layers", "9"]) == 1
     assert "between 1 and 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "counts", "nan"])
+def test_a_malformed_or_non_finite_gguf_is_one_line_before_mlx_reads_it(tmp_path, capsys, damage):
+    """MLX's GGUF reader trusts the file's lengths (a malformed one crashed the process):
+    whatif walks the header and the tensor table first."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, np.random.default_rng(2))
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) - 4096]
+    elif damage == "header":
+        raw[30:60] = b"\xff" * 30  # a string length past the end of the file
+    elif damage == "counts":
+        raw[8:16] = (1 << 40).to_bytes(8, "little")  # a tensor count larger than the file
+    else:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+        arrays["blk.0.attn_q.weight"] = arrays["blk.0.attn_q.weight"] * float("nan")
+        mx.save_gguf(str(path), arrays, meta)
+        raw = path.read_bytes()
+    path.write_bytes(bytes(raw))
+    assert whatif.main(["--model", str(path), "--mlx-path", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("non-finite" if damage == "nan" else "GGUF" if damage != "truncated"
+                                     else "truncated") in err
     assert not (tmp_path / "o").exists()

@@ -80,15 +80,15 @@ class ModelArgs(BaseModelArgs):
     residual: bool = False  # residual adds: training only
     shaped_attention: bool = False  # A = αI + β·softmax − γC per head (He & Hofmann 2023)
     norm_eps: float = 1e-5
-    removed: Optional[List[str]] = None  # per layer, one of FORMS
+    removed: Optional[Union[List[str], str]] = None  # per layer, one of FORMS (a string: every layer)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.removed is None:
-            self.removed = [""] * self.num_hidden_layers
+        if self.removed is None or isinstance(self.removed, str):
+            self.removed = [self.removed or ""] * self.num_hidden_layers
         self.removed = list(self.removed)
         check_args(self)
 

@@ -1,0 +1,140 @@
+"""Every command that writes a directory claims it the same way: nothing it did not write is
+ever removed, whatever the flags (--force, --resume), and every number a flag takes is checked
+where it enters, so bad input is one line, never a traceback, a signal death or a NaN."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import hf_checkpoints as hf
+from harness import write_corpus
+from mlx_skipless import cli, convert, corpus, normfree, train, zoo
+
+# What a user keeps around and inside an output: a model-looking file, a note in training/,
+# folders that resemble our leftovers, another tool's model directory.
+INSIDE = {"model-fp32-backup.safetensors": b"\0" * 64, "training/notes.txt": b"my notes",
+          "model.json/weights.bin": b"tfjs"}
+AROUND = (".out.old-v1", ".out.partial-draft", ".out.partial-123", "model.json")
+
+
+def plant(out: Path, inside: dict):
+    for name in AROUND:
+        (out.parent / name).mkdir(parents=True, exist_ok=True)
+        (out.parent / name / "keep").write_bytes(b"keep")
+    for name, body in inside.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(body)
+
+
+def survived(out: Path, inside: dict) -> bool:
+    return (all((out.parent / n / "keep").read_bytes() == b"keep" for n in AROUND)
+            and all((out / n).read_bytes() == body for n, body in inside.items()))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny checkpoint, a tiny trained run with block norms, and a corpus of text."""
+    root = tmp_path_factory.mktemp("claims")
+    args, flat = hf.case("llama")
+    ckpt = hf.write(root / "ckpt", "llama", args, flat)
+    text = write_corpus(root / "text")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                      num_attention_heads=4, block_norm="rmsnorm", final_norm="rmsnorm",
+                                      shaped_attention=True)))
+    run = root / "run"
+    assert train.main(["--config", str(config), "--data", str(text), "--mlx-path", str(run), "--steps", "2",
+                       "--batch-size", "2", "--context", "16", "--vocab-size", "300", "--eval-every", "2"]) == 0
+    return {"ckpt": ckpt, "text": text, "config": config, "run": run}
+
+
+def commands(work, out):
+    """(name, main, argv) of every command that writes `out`, with the flags that replace or continue."""
+    return [
+        ("convert --force", convert.main, ["--hf-path", str(work["ckpt"]), "--mlx-path", str(out), "--force"]),
+        ("normfree --force", normfree.main, ["--model", str(work["run"]), "--mlx-path", str(out), "--force",
+                                             "--data", str(work["text"]), "--steps-per-norm", "0",
+                                             "--final-steps", "0", "--batch-size", "2"]),
+        ("train --resume", train.main, ["--mlx-path", str(out), "--resume", "--steps", "3"]),
+        ("train (new)", train.main, ["--config", str(work["config"]), "--data", str(work["text"]),
+                                     "--mlx-path", str(out), "--steps", "2"]),
+        ("zoo run --force", zoo.main, ["run", "skipless-python", "--out", str(out), "--force"]),
+        ("zoo run --resume", zoo.main, ["run", "skipless-python", "--out", str(out), "--resume"]),
+        ("corpus --force", corpus.main, ["--out", str(out), "--force", "--offline", "--wheels", str(out.parent)]),
+    ]
+
+
+@pytest.mark.parametrize("added", ["nothing added", "files added"])
+@pytest.mark.parametrize("index", range(7))
+def test_foreign_files_survive_every_command_and_flag(work, tmp_path, capsys, index, added):
+    """An output this tool wrote (a converted model), look-alikes of our leftovers beside it and,
+    in one case, files the user added inside it: whatever each command does, they all survive;
+    with files inside, every command refuses in one line."""
+    out = tmp_path / "out"
+    assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(out)]) == 0
+    inside = INSIDE if added == "files added" else {}
+    plant(out, inside)
+    name, main, argv = commands(work, out)[index]
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    if inside:
+        assert code != 0, name
+        assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+    assert survived(out, inside), name
+
+
+def test_a_model_json_folder_is_no_zoo_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "model.json").mkdir(parents=True)
+    for flag in ("--force", "--resume"):
+        assert zoo.main(["run", "skipless-python", "--out", str(out), flag]) == 1
+        assert "holds no zoo run" in capsys.readouterr().err
+    assert (out / "model.json").is_dir()
+
+
+def test_corpus_refuses_the_current_directory_and_a_foreign_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text("x = 1")
+    for out in (".", str(tmp_path)):
+        assert corpus.main(["--out", out, "--force", "--offline", "--wheels", str(tmp_path)]) == 1
+        assert "current directory" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert corpus.main(["--out", "other", "--force", "--offline", "--wheels", str(tmp_path)]) == 1
+    assert "not a model mlx-skipless wrote" in capsys.readouterr().err
+    assert (tmp_path / "mine.py").exists() and (tmp_path / "other" / "notes.txt").exists()
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+PARSERS = {name: cli.check_numbers(parser) for name, parser in cli.parsers()}
+NUMERIC = [(name, action) for name, parser in PARSERS.items() for action in parser._actions
+           if getattr(action.type, "__name__", "") in ("int", "float")]
+BAD = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "0x10", "1e-400"]),
+                st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10**30, 10**30).map(str))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(NUMERIC), text=BAD)
+def test_every_numeric_flag_takes_only_finite_numbers_in_range(case, text):
+    """The parser of every command either refuses the value in one line or hands the command a
+    finite number (a run with it is then the command's own sane business)."""
+    command, action = case
+    try:
+        value = action.type(text)
+    except Exception as e:  # noqa: BLE001 -- argparse reports these as one line
+        assert type(e).__name__ in ("ArgumentTypeError", "ValueError", "TypeError"), e
+        return
+    assert math.isfinite(value) and value >= 0
+
+
+def test_a_bad_number_is_one_line_from_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--mlx-path", "x", "--lr", "nan"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lr: 'nan' is not a finite number" in err
