@@ -135,6 +135,8 @@ def main():
         Path(opts.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=opts.workdir) as work:
         for n in layers:
+            # each depth takes minutes at 7B shapes: say what is under way (stderr: --json stays clean)
+            print(f"[bench] {opts.preset}: writing and converting {n} layers", file=sys.stderr, flush=True)
             rows.append(measure(opts.preset, n, opts.verify, opts.remove, opts.mlx_lm, Path(work), drawn))
             if not opts.json:
                 r, gb = rows[-1], 1e9

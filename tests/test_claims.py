@@ -4,6 +4,7 @@ where it enters, so bad input is one line, never a traceback, a signal death or 
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,95 @@ def test_every_numeric_flag_takes_only_finite_numbers_in_range(case, text):
 
 
 def test_a_bad_number_is_one_line_from_the_command_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--mlx-path", "x", "--lr", "nan"])
-    assert e.value.code == 2
+    assert train.main(["--mlx-path", "x", "--lr", "nan"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lr: 'nan' is not a finite number" in err
+
+
+def test_whatif_force_keeps_what_it_did_not_write(tmp_path, capsys):
+    from mlx_skipless import whatif
+    from test_whatif import write_gguf
+    import numpy as np
+
+    write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(0))
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(out), "--layers", "2"]
+    assert whatif.main(argv) == 0
+    plant(out, INSIDE)
+    assert whatif.main(argv + ["--force"]) == 1
+    assert "did not write" in capsys.readouterr().err and survived(out, INSIDE)
+
+
+# -- inputs that used to pass silently -----------------------------------------------------------
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(work, tmp_path, capsys):
+    from mlx_skipless import load
+
+    big = tmp_path / "big"
+    big.mkdir()
+    hf.write_tokenizer(big, 10_000)
+    assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(tmp_path / "o"),
+                         "--tokenizer", str(big)]) == 1
+    assert "token ids but the model's embedding only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(tmp_path / "ok")]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "ok" / name).write_bytes((big / name).read_bytes())
+    with pytest.raises(ValueError, match="token ids but the model's embedding only"):
+        load(str(tmp_path / "ok"))
+
+
+def test_a_train_config_is_read_with_typed_checks_and_its_vocabulary(work, tmp_path, capsys):
+    config = json.loads(work["config"].read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**config, "residual": "false"}))
+    argv = ["--data", str(work["text"]), "--steps", "1", "--batch-size", "2", "--context", "16"]
+    assert train.main(["--config", str(bad), "--mlx-path", str(tmp_path / "r"), *argv]) == 1
+    assert "'residual' must be true or false" in capsys.readouterr().err
+    sized = tmp_path / "sized.json"
+    sized.write_text(json.dumps({**config, "vocab_size": 280}))  # no --vocab-size: the config's
+    assert train.main(["--config", str(sized), "--mlx-path", str(tmp_path / "v"), *argv]) == 0
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["vocab_size"] == 280
+
+
+def test_evaluating_nothing_is_an_error_not_zero_bits(work, tmp_path, capsys):
+    from mlx_skipless import evaluate
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.py").write_text("")
+    assert evaluate.main(["--model", str(work["run"]), "--data", str(tmp_path / "empty")]) == 1
+    assert "nothing to score" in capsys.readouterr().err
+
+
+def test_convert_stays_callable_and_records_no_local_path(work, tmp_path):
+    import mlx_skipless
+    import mlx_skipless.convert  # noqa: F401 -- binds the module to the package attribute
+
+    report = mlx_skipless.convert(str(work["ckpt"]), str(tmp_path / "o"), progress=False, log=lambda *_: None)
+    assert report["source"] == work["ckpt"].name
+    assert str(tmp_path) not in (tmp_path / "o" / "config.json").read_text()
+    assert str(work["ckpt"].parent) not in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_fifos_are_refused_not_read(work, tmp_path, capsys):
+    import os
+
+    from mlx_skipless import generate
+
+    model = tmp_path / "m"
+    assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(model)]) == 0
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")
+    assert generate.main(["--model", str(model), "--max-tokens", "2"]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")
+    assert zoo.main(["show", str(model)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(work["run"], run)
+    (run / "training" / "trainer.json").unlink()
+    os.mkfifo(run / "training" / "trainer.json")
+    assert train.main(["--mlx-path", str(run), "--resume", "--steps", "3"]) == 1
+    assert "not a regular file" in capsys.readouterr().err
