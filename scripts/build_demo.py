@@ -315,10 +315,10 @@ def compute_section(work, options, weights) -> list:
                       for a, b in [steps[-2:]] if a in runs[name] and b in runs[name])
     return ["## What more compute would buy", "",
             "Validation loss (nats/token, the corpus's validation split) at each evaluation of the two "
-            "training runs, against training compute (6 x weights x tokens). Each run is one cosine "
-            "schedule, so this shows how fast the model was still learning, not a scaling law: "
-            f"over the last {steps[-1] - steps[-2]} steps, as the learning rate decayed to zero, the "
-            f"loss still fell by {drops} nats.", "",
+            "training runs, against training compute (6 x weights x tokens). Each run is one "
+            f"schedule ({options.get('schedule', 'cosine')}), so this shows how fast the model was still "
+            f"learning, not a scaling law: over the last {steps[-1] - steps[-2]} steps, as the learning rate "
+            f"decayed, the loss still fell by {drops} nats.", "",
             "| step | tokens (M) | PFLOP | skipless (with norms) | standard |", "|---|---|---|---|---|", *rows]
 
 
