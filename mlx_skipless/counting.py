@@ -60,6 +60,12 @@ def count(args: ModelArgs) -> dict:
     }
 
 
+def block_weights(args: ModelArgs, i: int = 0) -> int:
+    """The weights of block i."""
+    first = names.block_key(i)
+    return sum(int(np.prod(s)) for k, s in shapes(args).items() if k.startswith(first))
+
+
 def compare(args: ModelArgs, reduced: ModelArgs, claim: Optional[ModelArgs] = None) -> dict:
     """Savings of `reduced` over `args`. `claim` is another reduced config whose
     count is reported beside (the paper's inexact parallel figure, say)."""

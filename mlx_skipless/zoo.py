@@ -24,9 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-import numpy as np
-
-from . import cli, counting, fusion, names
+from . import cli, counting, fusion
 from .checkpoint import foreign_entries, read_config, written_by_us
 from .models.skipless import ModelArgs
 
@@ -110,12 +108,8 @@ def form_summary(args: ModelArgs) -> dict:
     return {"removed_per_block": [m.upper() for m in "qkvp" if m in letters],
             "standard": r["vanilla"]["total"], "weights": r["reduced"]["total"], "removed": r["removed"],
             "removed_fraction": r["removed_fraction"], "speedup_predicted": r["speedup_predicted"],
-            "per_block": {"standard": _block_weights(replace(args, removed=None)), "form": _block_weights(args)}}
-
-
-def _block_weights(args: ModelArgs) -> int:
-    first = names.block_key(0)
-    return sum(int(np.prod(s)) for k, s in counting.shapes(args).items() if k.startswith(first))
+            "per_block": {"standard": counting.block_weights(replace(args, removed=None)),
+                          "form": counting.block_weights(args)}}
 
 
 def converter_removes(entry: dict, base: ModelArgs):

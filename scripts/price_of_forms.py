@@ -33,7 +33,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from mlx_skipless import counting, evaluate
 from mlx_skipless.checkpoint import TRAINER_STATE, TRAINING_DIR
@@ -129,8 +128,6 @@ def models_of(work: Path, size: str, o, log=print) -> dict:
 def row_facts(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     args = ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__})
-    first = "model.layers.0."
-    block = sum(int(np.prod(s)) for k, s in counting.shapes(args).items() if k.startswith(first))
     state = path / TRAINING_DIR / TRAINER_STATE
     val, steps = None, "-"
     if state.exists():
@@ -138,8 +135,9 @@ def row_facts(path: Path) -> dict:
         val, steps = history[-1]["val_loss"], str(history[-1]["step"])
     elif "normfree" in cfg:  # its own validation windows; the fine-tuning steps come on top of training's
         val, steps = cfg["normfree"]["val_loss_norm_free"], f"+{cfg['normfree']['finetune_steps']}"
-    return {"weights": counting.count(args)["total"], "per_block": block, "steps": steps,
-            "read_per_token": counting.count(args)["read_per_token"], "val_loss": val}
+    counts = counting.count(args)
+    return {"weights": counts["total"], "per_block": counting.block_weights(args), "steps": steps,
+            "read_per_token": counts["read_per_token"], "val_loss": val}
 
 
 def table(size: str, runs: dict, priced: dict) -> list:
