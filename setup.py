@@ -16,8 +16,12 @@ class BuildPyWithZoo(build_py):
     def run(self):
         super().run()
         if not self.editable_mode:
-            shutil.copytree(ZOO, Path(self.build_lib) / "mlx_skipless" / "zoo_data", dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.py[co]"))
+            shutil.copytree(
+                ZOO,
+                Path(self.build_lib) / "mlx_skipless" / "zoo_data",
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("__pycache__", "*.py[co]"),
+            )
 
 
 setup(cmdclass={"build_py": BuildPyWithZoo})

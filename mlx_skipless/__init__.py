@@ -2,9 +2,19 @@
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "loading", "load_model": "loading", "convert": "convert",
-         "generate": "generate", "stream_generate": "generate",
-         "Model": "models.skipless", "ModelArgs": "models.skipless"}
+# name: (module, the name there). A name here that is also a submodule would change what it
+# is once the submodule is imported (the import binds the module to the package's attribute):
+# so the conversion function is convert_checkpoint, and mlx_skipless.convert is the module.
+# `generate` keeps mlx-lm's spelling; generate.py makes its module callable for that.
+_LAZY = {
+    "load": ("loading", "load"),
+    "load_model": ("loading", "load_model"),
+    "convert_checkpoint": ("convert", "convert"),
+    "generate": ("generate", "generate"),
+    "stream_generate": ("generate", "stream_generate"),
+    "Model": ("models.skipless", "Model"),
+    "ModelArgs": ("models.skipless", "ModelArgs"),
+}
 
 
 def __getattr__(name):
@@ -12,5 +22,6 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,9 +10,15 @@ import sys
 from mlx_lm.generate import stream_generate
 
 from . import cli
-from .checkpoint import CheckpointError
-from .generate import (add_generation_args, check_generation_args, fit_context, load_for_generation, prompt_cache,
-                       sampler_of)
+from .errors import CheckpointError
+from .generate import (
+    add_generation_args,
+    check_generation_args,
+    fit_context,
+    load_for_generation,
+    prompt_cache,
+    sampler_of,
+)
 
 
 def build_parser():
@@ -60,10 +66,17 @@ def main(opts, read=input, write=print):
             write(f"[INFO] {e}: this turn is not sent; 'r' resets the conversation")
             continue
         first = False
-        for response in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens,
-                                        sampler=sampler, prompt_cache=cache, kv_bits=opts.kv_bits,
-                                        kv_group_size=opts.kv_group_size,
-                                        quantized_kv_start=opts.quantized_kv_start):
+        for response in stream_generate(
+            model,
+            tokenizer,
+            tokens,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            prompt_cache=cache,
+            kv_bits=opts.kv_bits,
+            kv_group_size=opts.kv_group_size,
+            quantized_kv_start=opts.quantized_kv_start,
+        ):
             write(response.text, end="", flush=True)
         write()
 

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 
+
 class CommandError(RuntimeError):
     """A failure the user can act on; the message says how (reported as it is)."""
 
@@ -40,10 +41,14 @@ def add_model_args(p, help, default=None, flags=("--model",)):
     do not declare themselves skipless."""
     p.add_argument(*flags, default=default, help=help)
     p.add_argument("--revision", help="hub revision: branch, tag or commit")
-    p.add_argument("--assume-skipless", action="store_true",
-                   help="treat a checkpoint not marked \"skipless\": true as skipless")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted as in mlx-lm; not needed: mlx-skipless runs its own model code")
+    p.add_argument(
+        "--assume-skipless", action="store_true", help='treat a checkpoint not marked "skipless": true as skipless'
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted as in mlx-lm; not needed: mlx-skipless runs its own model code",
+    )
 
 
 def add_output_arg(p, help, default=None, required=False):
@@ -61,17 +66,31 @@ def alias(p, flag, dest):
 # -- numbers, checked where they enter ----------------------------------------------------------
 
 # Every int and float flag of every command must be finite and positive, except these:
-NON_NEGATIVE = {"budget_kl_ratio", "budget_top1", "temp", "top_k", "seed", "quantized_kv_start",
-                "weight_decay", "orthogonality", "steps_per_norm", "final_steps"}
+NON_NEGATIVE = {
+    "budget_kl_ratio",
+    "budget_top1",
+    "temp",
+    "top_k",
+    "seed",
+    "quantized_kv_start",
+    "weight_decay",
+    "orthogonality",
+    "steps_per_norm",
+    "final_steps",
+}
 FRACTIONS = {  # (lowest, highest, the lowest allowed itself)
-    "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, True), "warmup": (0.0, 0.99, True),
-    "val_fraction": (0.0, 0.99, False), "cooldown": (0.0, 1.0, False),
+    "top_p": (0.0, 1.0, False),
+    "min_p": (0.0, 1.0, True),
+    "warmup": (0.0, 0.99, True),
+    "val_fraction": (0.0, 0.99, False),
+    "cooldown": (0.0, 1.0, False),
 }
 BITS = {"q_bits", "kv_bits"}  # 1 to 8 bits a weight
 
 
 def number(kind, dest: str):
     """An argparse type: `kind` (int or float), finite and within the flag's range."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -83,8 +102,13 @@ def number(kind, dest: str):
         if dest in BITS:
             low, high, closed = 1, 8, True
         if value < low or (value == low and not closed) or value > high:
-            span = ((f"from {low} to {high}" if closed else f"above {low}, up to {high}") if high < math.inf
-                    else "0 or more" if closed else "more than 0")
+            span = (
+                (f"from {low} to {high}" if closed else f"above {low}, up to {high}")
+                if high < math.inf
+                else "0 or more"
+                if closed
+                else "more than 0"
+            )
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {span}")
         return value
 
@@ -102,6 +126,7 @@ def check_numbers(parser: argparse.ArgumentParser):
     """Give every int and float flag of `parser` and its subcommands a checked type, and make
     every parsing error a UsageError, reported in one line like every other error (argparse's
     usage block is what --help is for)."""
+
     def error(message):
         raise UsageError(f"{message} ({parser.prog} --help lists the flags)")
 
@@ -162,8 +187,9 @@ def guarded(body, verbose=False) -> int:
 def _add_verbose(parser, default):
     """--verbose on the parser and its subcommands, unless the command has its own."""
     if "--verbose" not in parser._option_string_actions:
-        parser.add_argument("--verbose", "-v", action="store_true", default=default,
-                            help="print the full traceback of an error")
+        parser.add_argument(
+            "--verbose", "-v", action="store_true", default=default, help="print the full traceback of an error"
+        )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

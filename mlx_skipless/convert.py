@@ -14,9 +14,7 @@ passes that fuse, store and verify), report, card (the model's README), upload.
 """
 
 import argparse
-import inspect
 import sys
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +22,12 @@ import numpy as np
 
 from . import cli, counting, families, fusion, modeldir, planner, restore, verify
 from .card import model_card
-from .checkpoint import (TOKENIZER_FILES, CheckpointError, OutputDir, copy_tokenizer, read_config,
-                         recorded_name, resolve)
+from .errors import CheckpointError
+from .hub import TOKENIZER_FILES, copy_tokenizer, read_config, recorded_name, resolve
 from .loading import SkiplessCheckpoint, check_quantization, check_tokenizer_fits, load_tokenizer
-from .report import build_report, log_report
 from .models.skipless import ModelArgs
+from .output_dir import OutputDir
+from .report import build_report, log_report
 from .streaming import Passes, keep_freed_memory, products_for
 from .upload import upload
 
@@ -41,13 +40,27 @@ class DegradedError(cli.CommandError):
     exit_code = 3
 
 
-def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: str = "auto",
-            dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
-            q_group_size: int = 64, q_mode: str = "affine", assume_skipless: bool = False, verify_output: bool = True,
-            allow_degraded: bool = False, force: bool = False, upload_repo: Optional[str] = None,
-            revision: Optional[str] = None, budget: Optional[verify.Budget] = None,
-            probe_batch: int = verify.PROBE_BATCH, tokenizer: Optional[str] = None,
-            progress: bool = True, log=print) -> dict:
+def convert(
+    hf_path: Optional[str] = None,
+    mlx_path: str = "mlx_model",
+    remove: str = "auto",
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    q_mode: str = "affine",
+    assume_skipless: bool = False,
+    verify_output: bool = True,
+    allow_degraded: bool = False,
+    force: bool = False,
+    upload_repo: Optional[str] = None,
+    revision: Optional[str] = None,
+    budget: Optional[verify.Budget] = None,
+    probe_batch: int = verify.PROBE_BATCH,
+    tokenizer: Optional[str] = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Convert and return the conversion report (also stored in the output's config.json).
 
     --remove auto plans per layer (planner.py): with verification on it measures
@@ -67,8 +80,10 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     tokenizer = Path(tokenizer) if tokenizer else path
     loaded = load_tokenizer(tokenizer)  # it loads, or the error names the bad file
     if loaded is None:
-        raise CheckpointError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
-                              "the converted model could not generate; pass --tokenizer DIR to ship one")
+        raise CheckpointError(
+            f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
+            "the converted model could not generate; pass --tokenizer DIR to ship one"
+        )
     check_tokenizer_fits(loaded, args.vocab_size, tokenizer)
     if quantize:
         check_quantization(args, q_group_size, q_bits)
@@ -77,8 +92,18 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
         raise CheckpointError(f"--dtype must be one of {sorted(verify.DTYPES)}, not {dtype!r}")
     quant = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode} if quantize else None
     if ckpt is None:
-        report = restore.restore(recorded_name(source), path, output, dtype, quant, tokenizer, probe_batch, verify_output,
-                                 upload_repo or str(out), log)
+        report = restore.restore(
+            recorded_name(source),
+            path,
+            output,
+            dtype,
+            quant,
+            tokenizer,
+            probe_batch,
+            verify_output,
+            upload_repo or str(out),
+            log,
+        )
         log(f"[INFO] wrote {out}")
         if upload_repo:
             upload(out, upload_repo)
@@ -86,8 +111,10 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     budget = budget or verify.Budget()
     mode = "" if q_mode == "affine" else f" {q_mode}"
     stored_as = dtype + (f", {q_bits}-bit{mode} (group {q_group_size})" if quant else "")
-    log(f"[INFO] {source}: {ckpt.family}, {args.num_hidden_layers} layers, d={args.hidden_size}, "
-        f"{'parallel' if args.parallel_block else 'serial'} blocks -> {stored_as}")
+    log(
+        f"[INFO] {source}: {ckpt.family}, {args.num_hidden_layers} layers, d={args.hidden_size}, "
+        f"{'parallel' if args.parallel_block else 'serial'} blocks -> {stored_as}"
+    )
 
     merge_p = "p" if fusion.merges_p(args) else ""
     tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
@@ -98,16 +125,21 @@ def convert(hf_path: Optional[str] = None, mlx_path: str = "mlx_model", remove: 
     with output.protect(ckpt.path), output.stage() as staging:
         result = passes.write(staging, plan)
         if result.verification and not np.isfinite(result.verification["stored"]["original"]["kl"]):
-            raise CheckpointError(f"the original model itself is not finite when stored as {stored_as} "
-                                  "(overflow on the probe tokens): choose a wider --dtype")
+            raise CheckpointError(
+                f"the original model itself is not finite when stored as {stored_as} "
+                "(overflow on the probe tokens): choose a wider --dtype"
+            )
         forms, planning, notes = result.forms, None, {}
         if remove == "auto":
-            forms, result, planning, notes = planner.settle(passes, staging, result, merge_p, unit,
-                                                            budget if verify_output else None, stored_as, log)
+            forms, result, planning, notes = planner.settle(
+                passes, staging, result, merge_p, unit, budget if verify_output else None, stored_as, log
+            )
         for i, note in notes.items():
             log(f"[layer {i}] {note}")
 
-        report = build_report(recorded_name(source), ckpt, args, result.args, forms, notes, result.inverted, dtype, quant)
+        report = build_report(
+            recorded_name(source), ckpt, args, result.args, forms, notes, result.inverted, dtype, quant
+        )
         if planning:
             report["plan"] = planning
         if result.verification:
@@ -141,33 +173,59 @@ Q_MODES = {"affine": (4, 64), "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 3
 
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless convert", description=__doc__.split("\n\n")[0])
-    cli.add_model_args(p, "local directory or Hugging Face repo id (default: the packaged demo model)",
-                       flags=("--hf-path", "--model"))
+    cli.add_model_args(
+        p, "local directory or Hugging Face repo id (default: the packaged demo model)", flags=("--hf-path", "--model")
+    )
     p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
-    p.add_argument("--remove", choices=["auto", "q", "k", "v"], default="auto",
-                   help="matrix to fuse away per block (default auto: per layer the best-"
-                   "conditioned square one, or none where the converted model would be over the "
-                   "fidelity budget in the target dtype)")
-    p.add_argument("--dtype", choices=sorted(verify.DTYPES), help="default: the checkpoint's")
+    p.add_argument(
+        "--remove",
+        choices=["auto", "q", "k", "v"],
+        default="auto",
+        help="matrix to fuse away per block (default auto: per layer the best-"
+        "conditioned square one, or none where the converted model would be over the "
+        "fidelity budget in the target dtype)",
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(verify.DTYPES), help="dtype of the output weights (default: the checkpoint's)"
+    )
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights as mlx-lm does")
     p.add_argument("--q-bits", type=int, help="with -q: bits per weight (default: the mode's, 4 for affine)")
     p.add_argument("--q-group-size", type=int, help="with -q: group size (default: the mode's, 64 for affine)")
     p.add_argument("--q-mode", choices=list(Q_MODES), help="with -q: quantization mode (default affine)")
-    p.add_argument("--verify", dest="verify_output", action=argparse.BooleanOptionalAction, default=True,
-                   help="compare converted and original logits (default on)")
-    p.add_argument("--budget-kl-ratio", type=float, default=verify.Budget.kl_ratio,
-                   help="auto's fidelity budget: converted KL at most this times the original's "
-                   "own rounding KL in the target dtype (default %(default)s)")
-    p.add_argument("--budget-top1", type=float, default=verify.Budget.top1_points,
-                   help="auto's fidelity budget: top-1 agreement at most this many points below "
-                   "the original's own rounding (default %(default)s)")
-    p.add_argument("--probe-batch", type=int, default=verify.PROBE_BATCH,
-                   help=f"verify on this many sequences of {verify.PROBE_LENGTH} random tokens "
-                   "(default %(default)s); more makes the plan's measurements less noisy")
-    p.add_argument("--allow-degraded", action="store_true",
-                   help="write the model even if verification finds it clearly worse")
-    p.add_argument("--force", action="store_true",
-                   help="replace --mlx-path if it is empty or a model mlx-skipless wrote")
+    p.add_argument(
+        "--verify",
+        dest="verify_output",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare converted and original logits (default on)",
+    )
+    p.add_argument(
+        "--budget-kl-ratio",
+        type=float,
+        default=verify.Budget.kl_ratio,
+        help="auto's fidelity budget: converted KL at most this times the original's "
+        "own rounding KL in the target dtype (default %(default)s)",
+    )
+    p.add_argument(
+        "--budget-top1",
+        type=float,
+        default=verify.Budget.top1_points,
+        help="auto's fidelity budget: top-1 agreement at most this many points below "
+        "the original's own rounding (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-batch",
+        type=int,
+        default=verify.PROBE_BATCH,
+        help=f"verify on this many sequences of {verify.PROBE_LENGTH} random tokens "
+        "(default %(default)s); more makes the plan's measurements less noisy",
+    )
+    p.add_argument(
+        "--allow-degraded", action="store_true", help="write the model even if verification finds it clearly worse"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --mlx-path if it is empty or a model mlx-skipless wrote"
+    )
     p.add_argument("--tokenizer", help="directory of the tokenizer to ship (default: the checkpoint's own)")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to")
     return p
@@ -180,29 +238,19 @@ def main(opts):
     opts.pop("trust_remote_code")
     mode = opts.pop("q_mode")
     if not opts["quantize"]:
-        given = [f for f, v in (("--q-bits", opts["q_bits"]), ("--q-group-size", opts["q_group_size"]),
-                                ("--q-mode", mode)) if v is not None]
+        given = [
+            f
+            for f, v in (("--q-bits", opts["q_bits"]), ("--q-group-size", opts["q_group_size"]), ("--q-mode", mode))
+            if v is not None
+        ]
         if given:
             raise ValueError(f"{', '.join(given)} without -q/--quantize: add -q to quantize")
     bits, group_size = Q_MODES[mode or "affine"]
-    opts.update(q_mode=mode or "affine", q_bits=opts["q_bits"] or bits,
-                q_group_size=opts["q_group_size"] or group_size)
+    opts.update(q_mode=mode or "affine", q_bits=opts["q_bits"] or bits, q_group_size=opts["q_group_size"] or group_size)
     opts["budget"] = verify.Budget(opts.pop("budget_kl_ratio"), opts.pop("budget_top1"))
     keep_freed_memory()
     convert(**opts)
 
-
-class _CallableModule(types.ModuleType):
-    """The package exports `convert()`, and importing this module makes `mlx_skipless.convert`
-    the module itself (Python binds a submodule to its package's attribute): so calling the
-    module calls the function, and `mlx_skipless.convert(...)` works before and after."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-sys.modules[__name__].__signature__ = inspect.signature(convert)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,8 +31,7 @@ def stdlib_path() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS,
-               split: str = "train") -> List[Path]:
+def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS, split: str = "train") -> List[Path]:
     files = []
     for p in paths:
         if p == "stdlib" or p.startswith("stdlib/"):
@@ -47,8 +46,9 @@ def find_files(paths: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS,
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files += [f for pattern in patterns for f in path.rglob(pattern)
-                      if f.is_file() and "site-packages" not in f.parts]
+            files += [
+                f for pattern in patterns for f in path.rglob(pattern) if f.is_file() and "site-packages" not in f.parts
+            ]
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
     files = sorted(set(files))
@@ -72,8 +72,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -83,8 +87,13 @@ def cached_tokenizer(files: Sequence[Path], vocab_size: int, log=print):
     and modification times, vocabulary size, tokenizers version and training code)."""
     import tokenizers
 
-    name = tokencache.key("tokenizer", tokencache.file_signature(files), vocab_size, tokenizers.__version__,
-                          inspect.getsource(train_tokenizer))
+    name = tokencache.key(
+        "tokenizer",
+        tokencache.file_signature(files),
+        vocab_size,
+        tokenizers.__version__,
+        inspect.getsource(train_tokenizer),
+    )
     text = tokencache.load_text("tokenizers", name)
     if text is not None:
         log(f"[INFO] the {vocab_size}-token BPE tokenizer of these {len(files)} files, from the cache")
@@ -104,13 +113,26 @@ PLAIN_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% e
 def save_tokenizer(tok, directory: Path, context: int):
     directory = Path(directory)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-        "unk_token": EOS, "model_max_length": context, "clean_up_tokenization_spaces": False,
-        "chat_template": PLAIN_CHAT_TEMPLATE}, indent=2))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": EOS,
+                "bos_token": EOS,
+                "unk_token": EOS,
+                "model_max_length": context,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": PLAIN_CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+    )
 
 
-def load_tokenizer(path: Path):
+def read_tokenizer_json(path: Path):
+    """The `tokenizers.Tokenizer` of a tokenizer.json, or of the one in directory `path`: the
+    bare tokenizer this module trains and encodes with, not loading.load_tokenizer's mlx-lm
+    wrapper (which generation needs)."""
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(Path(path) / "tokenizer.json" if Path(path).is_dir() else path))
@@ -119,13 +141,21 @@ def load_tokenizer(path: Path):
 def encode(tok, texts: Sequence[str]) -> np.ndarray:
     """One stream of token ids, each text followed by the end-of-text token."""
     eos, texts = tok.token_to_id(EOS), list(texts)
-    ids = [np.append(np.asarray(e.ids, np.int32), eos) for i in range(0, len(texts), ENCODE_CHUNK)
-           for e in tok.encode_batch(texts[i : i + ENCODE_CHUNK])]
+    ids = [
+        np.append(np.asarray(e.ids, np.int32), eos)
+        for i in range(0, len(texts), ENCODE_CHUNK)
+        for e in tok.encode_batch(texts[i : i + ENCODE_CHUNK])
+    ]
     return np.concatenate(ids) if ids else np.zeros(0, np.int32)
 
 
 @dataclass
-class Corpus:
+class TokenStreams:
+    """The token ids of a set of files, split into a training and a validation stream:
+    what training, norm removal and their losses read. It lives here, beside the
+    tokenizers and find_files that make it, and not in corpus.py, which is a command
+    that builds a corpus *directory* of source files (one of the inputs this reads)."""
+
     train: np.ndarray
     val: np.ndarray
     files: int
@@ -135,8 +165,9 @@ class Corpus:
         """The token streams of the files under `paths`, from the cache when these files
         (paths, sizes, modification times) were tokenized by this tokenizer before."""
         files = find_files(paths, patterns)
-        name = tokencache.key("streams", tokencache.tokenizer_id(tok), tokencache.file_signature(files),
-                              val_fraction, MIN_VAL_TOKENS)
+        name = tokencache.key(
+            "streams", tokencache.tokenizer_id(tok), tokencache.file_signature(files), val_fraction, MIN_VAL_TOKENS
+        )
         cached = tokencache.load_streams(name)
         if cached is not None:
             log(f"[INFO] token streams of {len(files)} files from the cache")

@@ -13,6 +13,8 @@ differences of its input; `signal_propagation` measures both, per layer, on a ba
   alpha, beta, gamma   the mean shaped-attention coefficients (when present)
 """
 
+import time
+
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
@@ -73,3 +75,27 @@ def table(rows: list) -> str:
         cells = ("       -" if r[k] is None else f"{r[k]:8.3f}" for k in keys)
         lines.append(f"{i:5d} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def matmul_rate() -> float:
+    """MLX's float32 matmul rate here, GFLOP/s, from a few 512-wide products (~0.1 s at worst)."""
+    a = mx.random.normal((512, 512))
+    mx.eval(a @ a)
+    start = time.perf_counter()
+    for _ in range(4):
+        mx.eval(a @ a)
+    return 4 * 2 * 512**3 / (time.perf_counter() - start) / 1e9
+
+
+def warn_if_slow(log=print):
+    """Linux's mlx[cpu] wheel multiplies through a reference BLAS, tens of times slower than
+    an optimized one: say so in one line before hours of training."""
+    if mx.default_device() != mx.cpu:
+        return
+    rate = matmul_rate()
+    if rate < 10:
+        log(
+            f"[WARNING] MLX multiplies at {rate:.1f} GFLOP/s on this CPU, too slow to train: on Linux, "
+            "install OpenBLAS (apt-get install libopenblas0-pthread) and run with "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+        )

@@ -29,17 +29,19 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cli, corpus, data
-from .checkpoint import read_config, resolve
 from .convert import DEFAULT_SOURCE
+from .hub import read_config, resolve
 
 PATTERNS = ("*.py",)
 
 
 def compressed_bits_per_byte(text: bytes) -> Dict[str, float]:
     """The standard compressors' bits per byte of `text`, at their strongest settings."""
-    sizes = {"gzip -9": len(gzip.compress(text, compresslevel=9, mtime=0)),
-             "bz2 -9": len(bz2.compress(text, compresslevel=9)),
-             "xz -9e": len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))}
+    sizes = {
+        "gzip -9": len(gzip.compress(text, compresslevel=9, mtime=0)),
+        "bz2 -9": len(bz2.compress(text, compresslevel=9)),
+        "xz -9e": len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)),
+    }
     return {k: 8 * v / len(text) for k, v in sizes.items()}
 
 
@@ -79,8 +81,11 @@ def read_files(paths: Sequence[str]) -> list:
     return data.find_files(paths, PATTERNS, split="heldout")
 
 
-def evaluate(model, tok, texts: Sequence[str], context: int, stride: int = None, batch_size: int = 16,
-             progress=None) -> dict:
+def bits_per_byte(
+    model, tok, texts: Sequence[str], context: int, stride: int = None, batch_size: int = 16, progress=None
+) -> dict:
+    """The model's bits per byte on `texts` (joined as the trainer joins them), with the
+    counts it is made of and the standard compressors' figures on the same bytes."""
     stride = stride or max(context // 2, 1)
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in 1..{context}, not {stride}")
@@ -94,9 +99,16 @@ def evaluate(model, tok, texts: Sequence[str], context: int, stride: int = None,
     bits = nll_bits(model, ids, context, stride, batch_size, progress)
     if not math.isfinite(bits):
         raise ValueError(f"the model's loss on this text is {bits}: its weights or logits are not finite")
-    return {"bits_per_byte": bits / len(raw), "nats_per_token": bits * math.log(2) / (len(ids) - 1),
-            "tokens": len(ids) - 1, "bytes": len(raw), "files": len(texts), "context": context,
-            "stride": stride, "compressors": compressed_bits_per_byte(raw)}
+    return {
+        "bits_per_byte": bits / len(raw),
+        "nats_per_token": bits * math.log(2) / (len(ids) - 1),
+        "tokens": len(ids) - 1,
+        "bytes": len(raw),
+        "files": len(texts),
+        "context": context,
+        "stride": stride,
+        "compressors": compressed_bits_per_byte(raw),
+    }
 
 
 def load(path: str):
@@ -112,30 +124,48 @@ def load(path: str):
         raise ValueError(f"{path}: config.json names no max_position_embeddings (the model's context)")
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"{path} has no tokenizer.json to score text with")
-    tok = data.load_tokenizer(path)
+    tok = data.read_tokenizer_json(path)
     check_tokenizer_fits(tok, model.args.vocab_size, path)
     return model, tok, int(context)
 
 
 def report(name: str, r: dict) -> str:
-    lines = [f"{r['files']} files, {r['bytes']:,} bytes, {r['tokens']:,} tokens "
-             f"(context {r['context']}, stride {r['stride']})", "",
-             "| model or compressor | bits per byte |", "|---|---|",
-             f"| {name} | {r['bits_per_byte']:.3f} |"]
+    lines = [
+        f"{r['files']} files, {r['bytes']:,} bytes, {r['tokens']:,} tokens "
+        f"(context {r['context']}, stride {r['stride']})",
+        "",
+        "| model or compressor | bits per byte |",
+        "|---|---|",
+        f"| {name} | {r['bits_per_byte']:.3f} |",
+    ]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["compressors"].items()]
     return "\n".join(lines)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mlx-skipless evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default=str(DEFAULT_SOURCE),
-                   help="vanilla or converted model directory (default: the packaged demo)")
-    p.add_argument("--data", nargs="+", default=["corpus"],
-                   help="Python files or folders; a corpus built by mlx_skipless.corpus stands for its "
-                        f"held-out packages (default: 'corpus', the one built in {corpus.DEFAULT_OUT})")
+    p = argparse.ArgumentParser(
+        prog="mlx-skipless evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "--model", default=str(DEFAULT_SOURCE), help="vanilla or converted model directory (default: the packaged demo)"
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=["corpus"],
+        help="Python files or folders; a corpus built by mlx_skipless.corpus stands for its "
+        f"held-out packages (default: 'corpus', the one built in {corpus.DEFAULT_OUT})",
+    )
     p.add_argument("--stride", type=int, help="tokens each window advances (default: half the context)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="windows scored at once: more is faster and takes more memory (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
@@ -148,7 +178,7 @@ def main(o):
     from tqdm import tqdm
 
     with tqdm(desc="scoring", unit="window", disable=o.json, file=sys.stderr) as bar:
-        r = evaluate(model, tok, texts, context, o.stride, o.batch_size, bar.update)
+        r = bits_per_byte(model, tok, texts, context, o.stride, o.batch_size, bar.update)
     r["model"], r["data"] = o.model, o.data
     print(json.dumps(r, indent=2) if o.json else report(o.model, r))
     return 0

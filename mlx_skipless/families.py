@@ -19,14 +19,16 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from . import names
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .models.skipless import Block, ModelArgs
 from .names import EMBED, FINAL_NORM_PREFIX, HEAD, POSITIONS
 
 NORM_REMOVAL = "python -m mlx_skipless.normfree (the norm-removal recipe, see the zoo)"
 # Buffers some checkpoints carry that are not weights: causal masks, RoPE tables.
-BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|"
-                     r"\.attention\.masked_bias|rotary_emb\.inv_freq)$")
+BUFFERS = re.compile(
+    r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|"
+    r"\.attention\.masked_bias|rotary_emb\.inv_freq)$"
+)
 NORM_LIKE = re.compile(r"(norm|ln_\d|\.ln_|_ln\.|layernorm)", re.IGNORECASE)
 
 
@@ -54,8 +56,7 @@ def stacked(keys: List[str], *shape: int) -> Source:
     return Source(tuple(keys), (shape,) * len(keys), np.stack)
 
 
-def _linear(sources: Dict[str, Source], ours: str, theirs: str, out: int, inp: int,
-            bias: bool, make=same):
+def _linear(sources: Dict[str, Source], ours: str, theirs: str, out: int, inp: int, bias: bool, make=same):
     sources[f"{ours}.weight"] = make(f"{theirs}.weight", *((inp, out) if make is conv1d else (out, inp)))
     if bias:
         sources[f"{ours}.bias"] = same(f"{theirs}.bias", out)
@@ -67,8 +68,7 @@ def _linear(sources: Dict[str, Source], ours: str, theirs: str, out: int, inp: i
 def _rope(config: dict) -> dict:
     """RoPE settings under either transformers 4 or 5 config names."""
     params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or (
-        params if params.get("rope_type", "default") != "default" else None)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     theta = config.get("rope_theta", config.get("rotary_emb_base", params.get("rope_theta", 10000.0)))
     out = {"rope_theta": float(theta), "rope_scaling": scaling}
     factor = config.get("partial_rotary_factor", config.get("rotary_pct", params.get("partial_rotary_factor")))
@@ -80,58 +80,96 @@ def _rope(config: dict) -> dict:
 def _llama_args(c: dict) -> dict:
     n = c["num_attention_heads"]
     return dict(
-        hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
-        intermediate_size=c["intermediate_size"], num_attention_heads=n, vocab_size=c["vocab_size"],
-        num_key_value_heads=c.get("num_key_value_heads") or n, head_dim=c.get("head_dim"),
-        hidden_act=c.get("hidden_act", "silu"), mlp_type="glu",
+        hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        intermediate_size=c["intermediate_size"],
+        num_attention_heads=n,
+        vocab_size=c["vocab_size"],
+        num_key_value_heads=c.get("num_key_value_heads") or n,
+        head_dim=c.get("head_dim"),
+        hidden_act=c.get("hidden_act", "silu"),
+        mlp_type="glu",
         max_position_embeddings=c.get("max_position_embeddings", 2048),
-        attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+        attention_bias=c.get("attention_bias", False),
+        mlp_bias=c.get("mlp_bias", False),
         tie_word_embeddings=c.get("tie_word_embeddings", False),
-        norm_eps=c.get("rms_norm_eps", 1e-5), **_rope(c),
+        norm_eps=c.get("rms_norm_eps", 1e-5),
+        **_rope(c),
     )
 
 
 def _mixtral_args(c: dict) -> dict:
-    return dict(_llama_args(c), num_local_experts=c["num_local_experts"],
-                num_experts_per_tok=c.get("num_experts_per_tok", 2), mlp_bias=False)
+    return dict(
+        _llama_args(c),
+        num_local_experts=c["num_local_experts"],
+        num_experts_per_tok=c.get("num_experts_per_tok", 2),
+        mlp_bias=False,
+    )
 
 
 def _neox_args(c: dict) -> dict:
     rope = {"partial_rotary_factor": 0.25, **_rope(c)}
     return dict(
-        hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
-        intermediate_size=c["intermediate_size"], num_attention_heads=c["num_attention_heads"],
-        vocab_size=c["vocab_size"], hidden_act=c.get("hidden_act", "gelu"), mlp_type="mlp",
+        hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        intermediate_size=c["intermediate_size"],
+        num_attention_heads=c["num_attention_heads"],
+        vocab_size=c["vocab_size"],
+        hidden_act=c.get("hidden_act", "gelu"),
+        mlp_type="mlp",
         parallel_block=c.get("use_parallel_residual", True),
         max_position_embeddings=c.get("max_position_embeddings", 2048),
-        attention_bias=c.get("attention_bias", True), mlp_bias=True,
+        attention_bias=c.get("attention_bias", True),
+        mlp_bias=True,
         tie_word_embeddings=c.get("tie_word_embeddings", False),
-        norm_eps=c.get("layer_norm_eps", 1e-5), **rope,
+        norm_eps=c.get("layer_norm_eps", 1e-5),
+        **rope,
     )
 
 
 def _gpt2_args(c: dict) -> dict:
     d, n = c["n_embd"], c["n_head"]
     if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
-        raise CheckpointError("gpt2 checkpoints with scale_attn_by_inverse_layer_idx or "
-                              "reorder_and_upcast_attn are not supported")
+        raise CheckpointError(
+            "gpt2 checkpoints with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported"
+        )
     return dict(
-        hidden_size=d, num_hidden_layers=c["n_layer"], intermediate_size=c.get("n_inner") or 4 * d,
-        num_attention_heads=n, vocab_size=c["vocab_size"],
-        hidden_act=c.get("activation_function", "gelu_new"), mlp_type="mlp",
-        position_embedding_type="learned", max_position_embeddings=c.get("n_positions", 1024),
-        attention_bias=True, mlp_bias=True, tie_word_embeddings=c.get("tie_word_embeddings", True),
+        hidden_size=d,
+        num_hidden_layers=c["n_layer"],
+        intermediate_size=c.get("n_inner") or 4 * d,
+        num_attention_heads=n,
+        vocab_size=c["vocab_size"],
+        hidden_act=c.get("activation_function", "gelu_new"),
+        mlp_type="mlp",
+        position_embedding_type="learned",
+        max_position_embeddings=c.get("n_positions", 1024),
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=c.get("tie_word_embeddings", True),
         attention_scale=None if c.get("scale_attn_weights", True) else 1.0,
         norm_eps=c.get("layer_norm_epsilon", 1e-5),
     )
 
 
 # Entries of config.json in the families' own names, typed as their ModelArgs field is.
-HF_FIELDS = {"use_parallel_residual": bool, "n_embd": int, "n_head": int, "n_layer": int,
-             "n_inner": Optional[int], "n_positions": int, "rms_norm_eps": float, "layer_norm_eps": float,
-             "layer_norm_epsilon": float, "rotary_emb_base": float, "rotary_pct": float,
-             "activation_function": str, "scale_attn_weights": bool, "scale_attn_by_inverse_layer_idx": bool,
-             "reorder_and_upcast_attn": bool, "rope_parameters": Optional[dict]}
+HF_FIELDS = {
+    "use_parallel_residual": bool,
+    "n_embd": int,
+    "n_head": int,
+    "n_layer": int,
+    "n_inner": Optional[int],
+    "n_positions": int,
+    "rms_norm_eps": float,
+    "layer_norm_eps": float,
+    "layer_norm_epsilon": float,
+    "rotary_emb_base": float,
+    "rotary_pct": float,
+    "activation_function": str,
+    "scale_attn_weights": bool,
+    "scale_attn_by_inverse_layer_idx": bool,
+    "reorder_and_upcast_attn": bool,
+    "rope_parameters": Optional[dict],
+}
 MAY_BE_ZERO = {"num_local_experts"}  # 0: a dense feed-forward
 
 
@@ -156,8 +194,10 @@ def check_config(config: dict, where: str):
             shapes = tuple(typing.get_origin(a) or a for a in typing.get_args(kind))
             if isinstance(value, shapes):
                 continue
-            raise CheckpointError(f"{where}: config.json's {key!r} must be one of "
-                                  f"{', '.join(t.__name__ for t in shapes)}, not {json.dumps(value)[:80]}")
+            raise CheckpointError(
+                f"{where}: config.json's {key!r} must be one of "
+                f"{', '.join(t.__name__ for t in shapes)}, not {json.dumps(value)[:80]}"
+            )
         kind = typing.get_origin(kind) or kind
         if kind is bool and type(value) is not bool:
             want = 'true or false (a JSON boolean: Python reads the string "false" as true)'
@@ -174,8 +214,17 @@ def check_config(config: dict, where: str):
 
 
 # Entries of rope_parameters / rope_scaling that mlx-lm's RoPE reads, by what they must be.
-ROPE_NUMBERS = ("rope_theta", "partial_rotary_factor", "low_freq_factor", "high_freq_factor",
-                "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+ROPE_NUMBERS = (
+    "rope_theta",
+    "partial_rotary_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+)
 ROPE_FACTORS = ("short_factor", "long_factor")
 # RoPE types that cannot do without a scaling factor.
 ROPE_NEEDS_FACTOR = ("linear", "dynamic", "llama3", "yarn", "deepseek_yarn", "telechat3-yarn")
@@ -209,11 +258,11 @@ def check_rope(config: dict, where: str):
                 problems.append((key, "a JSON list of finite numbers", value))
         if problems:
             key, want, value = problems[0]
-            raise CheckpointError(f"{where}: config.json's '{section}.{key}' must be {want}, "
-                                  f"not {json.dumps(value)[:80]}")
+            raise CheckpointError(
+                f"{where}: config.json's '{section}.{key}' must be {want}, not {json.dumps(value)[:80]}"
+            )
         if kind in ROPE_NEEDS_FACTOR and "factor" not in params:
-            raise CheckpointError(f"{where}: config.json's '{section}.factor' is missing: "
-                                  f"RoPE type {kind!r} needs it")
+            raise CheckpointError(f"{where}: config.json's '{section}.factor' is missing: RoPE type {kind!r} needs it")
 
 
 def model_fields(c: dict) -> dict:
@@ -235,13 +284,16 @@ def _llama_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
     if a.num_local_experts:
         e, moe = range(a.num_local_experts), f"{pre}.block_sparse_moe"
         src[names.ffn(names.ROUTER) + ".weight"] = same(f"{moe}.gate.weight", a.num_local_experts, d)
-        for ours, theirs, shape in ((names.GATE, "w1", (f, d)), (names.UP, "w3", (f, d)),
-                                    (names.DOWN, "w2", (d, f))):
+        for ours, theirs, shape in ((names.GATE, "w1", (f, d)), (names.UP, "w3", (f, d)), (names.DOWN, "w2", (d, f))):
             src[names.ffn(ours, experts=True) + ".weight"] = stacked(
-                [f"{moe}.experts.{j}.{theirs}.weight" for j in e], *shape)
+                [f"{moe}.experts.{j}.{theirs}.weight" for j in e], *shape
+            )
     else:
-        for ours, theirs, out, inp in ((names.GATE, "gate_proj", f, d), (names.UP, "up_proj", f, d),
-                                       (names.DOWN, "down_proj", d, f)):
+        for ours, theirs, out, inp in (
+            (names.GATE, "gate_proj", f, d),
+            (names.UP, "up_proj", f, d),
+            (names.DOWN, "down_proj", d, f),
+        ):
             _linear(src, names.ffn(ours), f"{pre}.mlp.{theirs}", out, inp, a.mlp_bias)
     return src
 
@@ -259,8 +311,7 @@ def _neox_qkv(key: str, n: int, hd: int, d: int, which: int, bias: bool) -> Sour
     """GPT-NeoX fuses q, k, v per head: output rows are laid out (heads, 3, head_dim)."""
     if bias:
         return Source((key,), ((3 * n * hd,),), lambda t: t[0].reshape(n, 3, hd)[:, which].reshape(-1))
-    return Source((key,), ((3 * n * hd, d),),
-                  lambda t: t[0].reshape(n, 3, hd, d)[:, which].reshape(n * hd, d))
+    return Source((key,), ((3 * n * hd, d),), lambda t: t[0].reshape(n, 3, hd, d)[:, which].reshape(n * hd, d))
 
 
 def _neox_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
@@ -308,8 +359,10 @@ def _gpt2_layer(a: ModelArgs, i: int, p: str) -> Dict[str, Source]:
 
 
 def _gpt2_globals(a: ModelArgs, p: str, norm: bool) -> Dict[str, Source]:
-    src = {EMBED: same(f"{p}wte.weight", a.vocab_size, a.hidden_size),
-           POSITIONS: same(f"{p}wpe.weight", a.max_position_embeddings, a.hidden_size)}
+    src = {
+        EMBED: same(f"{p}wte.weight", a.vocab_size, a.hidden_size),
+        POSITIONS: same(f"{p}wpe.weight", a.max_position_embeddings, a.hidden_size),
+    }
     if norm:
         src[FINAL_NORM_PREFIX + "weight"] = same(f"{p}ln_f.weight", a.hidden_size)
         src[FINAL_NORM_PREFIX + "bias"] = same(f"{p}ln_f.bias", a.hidden_size)
@@ -349,31 +402,42 @@ class Family:
     prefixes: Tuple[str, ...] = ("",)  # optional key prefixes (gpt2: "transformer.")
 
 
-_LLAMA = dict(args=_llama_args, layer=_llama_layer, globals=_llama_globals,
-              final_norm_key="model.norm.weight", final_norm="rmsnorm")
+_LLAMA = dict(
+    args=_llama_args,
+    layer=_llama_layer,
+    globals=_llama_globals,
+    final_norm_key="model.norm.weight",
+    final_norm="rmsnorm",
+)
 FAMILIES = {
     "llama": Family("llama", **_LLAMA),
     "mistral": Family("mistral", **_LLAMA),
     "mixtral": Family("mixtral", **dict(_LLAMA, args=_mixtral_args)),
-    "gpt_neox": Family("gpt_neox", _neox_args, _neox_layer, _neox_globals,
-                       "gpt_neox.final_layer_norm.weight", "layernorm"),
-    "gpt2": Family("gpt2", _gpt2_args, _gpt2_layer, _gpt2_globals, "ln_f.weight", "layernorm",
-                   prefixes=("transformer.", "")),
+    "gpt_neox": Family(
+        "gpt_neox", _neox_args, _neox_layer, _neox_globals, "gpt_neox.final_layer_norm.weight", "layernorm"
+    ),
+    "gpt2": Family(
+        "gpt2", _gpt2_args, _gpt2_layer, _gpt2_globals, "ln_f.weight", "layernorm", prefixes=("transformer.", "")
+    ),
     "skipless": Family("skipless", model_fields, _skipless_layer, _skipless_globals, None),
 }
 
 
-class Mapping:
+class WeightMapping:
     """A checked view of one checkpoint as a vanilla skipless model: its ModelArgs
     and, per block and for the rest, the float64 tensors under the model's names."""
 
-    def __init__(self, config: dict, shapes: Dict[str, Tuple[int, ...]], assume_skipless: bool = False,
-                 where: str = "this checkpoint"):
+    def __init__(
+        self,
+        config: dict,
+        shapes: Dict[str, Tuple[int, ...]],
+        assume_skipless: bool = False,
+        where: str = "this checkpoint",
+    ):
         check_config(config, where)
         kind = config.get("model_type")
         if kind not in FAMILIES:
-            raise CheckpointError(
-                f"{where}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
+            raise CheckpointError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
         self.family = FAMILIES[kind]
         if kind != "skipless" and not (config.get("skipless") is True or assume_skipless):
             raise CheckpointError(
@@ -382,10 +446,10 @@ class Mapping:
                 "every block, and fusion moves each block's Q into the previous block's output "
                 "matrices: that is exact only when nothing stands between one block's output and "
                 "the next block's input, so converting this model would change what it computes. "
-                "If its blocks really have no residual adds and no norms, pass --assume-skipless.")
+                "If its blocks really have no residual adds and no norms, pass --assume-skipless."
+            )
         keys = set(shapes)
-        self.prefix = next((p for p in self.family.prefixes
-                            if any(k.startswith(p) for k in keys) and p), "")
+        self.prefix = next((p for p in self.family.prefixes if any(k.startswith(p) for k in keys) and p), "")
         try:
             fields = self.family.args(config)
         except KeyError as e:
@@ -394,8 +458,10 @@ class Mapping:
             raise CheckpointError(f"{where}: config.json does not describe a model: {e}") from None
         # Every layer has tensors: check the count before anything per layer is built.
         if fields["num_hidden_layers"] > len(shapes):
-            raise CheckpointError(f"{where}: config.json declares {fields['num_hidden_layers']} layers, "
-                                  f"but the checkpoint holds only {len(shapes)} tensors")
+            raise CheckpointError(
+                f"{where}: config.json declares {fields['num_hidden_layers']} layers, "
+                f"but the checkpoint holds only {len(shapes)} tensors"
+            )
         if self.family.final_norm_key:
             has_norm = self.prefix + self.family.final_norm_key in keys
             fields.update(final_norm=self.family.final_norm if has_norm else None)
@@ -433,14 +499,12 @@ class Mapping:
 
     def _check(self, shapes: Dict[str, Tuple[int, ...]], where: str):
         expected = {}
-        for sources in [self.global_sources()] + [self.layer_sources(i)
-                                                  for i in range(self.args.num_hidden_layers)]:
+        for sources in [self.global_sources()] + [self.layer_sources(i) for i in range(self.args.num_hidden_layers)]:
             for s in sources.values():
                 expected.update(zip(s.keys, s.shapes))
         # A tied head saved anyway is a copy of the embedding.
         ignored = {"lm_head.weight"} if self.args.tie_word_embeddings else set()
-        unexpected = sorted(k for k in shapes
-                            if k not in expected and k not in ignored and not BUFFERS.search(k))
+        unexpected = sorted(k for k in shapes if k not in expected and k not in ignored and not BUFFERS.search(k))
         # Only a norm inside a block stands in fusion's way; a norm-like name elsewhere
         # (a renamed final norm) is just a tensor this family does not have.
         blocks = tuple(self._block_prefix(i) for i in range(self.args.num_hidden_layers))
@@ -448,20 +512,29 @@ class Mapping:
         if norms:
             raise CheckpointError(
                 f"{where} has normalization inside its block chain: {_some(norms)}. Fusion "
-                "cannot move a matrix across a norm; remove the norms first with " + NORM_REMOVAL)
+                "cannot move a matrix across a norm; remove the norms first with " + NORM_REMOVAL
+            )
         if unexpected:
             kind = "skipless" if self.family.name == "skipless" else f"skipless {self.family.name}"
-            final = (self.prefix + self.family.final_norm_key if self.family.final_norm_key
-                     else FINAL_NORM_PREFIX + "weight")
-            hint = (f" (a {kind} model's final norm is {final})"
-                    if final not in shapes and any(NORM_LIKE.search(k) for k in unexpected) else "")
-            raise CheckpointError(f"{where} has tensors that are not weights a {kind} model has: "
-                                  f"{_some(unexpected)}{hint}")
+            final = (
+                self.prefix + self.family.final_norm_key if self.family.final_norm_key else FINAL_NORM_PREFIX + "weight"
+            )
+            hint = (
+                f" (a {kind} model's final norm is {final})"
+                if final not in shapes and any(NORM_LIKE.search(k) for k in unexpected)
+                else ""
+            )
+            raise CheckpointError(
+                f"{where} has tensors that are not weights a {kind} model has: {_some(unexpected)}{hint}"
+            )
         missing = sorted(k for k in expected if k not in shapes)
         if missing:
             raise CheckpointError(f"{where} lacks tensors: {_some(missing)}")
-        wrong = [f"{k} is {tuple(shapes[k])}, expected {tuple(s)}" for k, s in expected.items()
-                 if tuple(shapes[k]) != tuple(s)]
+        wrong = [
+            f"{k} is {tuple(shapes[k])}, expected {tuple(s)}"
+            for k, s in expected.items()
+            if tuple(shapes[k]) != tuple(s)
+        ]
         if wrong:
             raise CheckpointError(f"{where}: shape mismatch with config.json: {_some(wrong)}")
 

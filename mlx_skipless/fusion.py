@@ -66,8 +66,9 @@ class Affine(NamedTuple):
     def then(self, other: "Affine", products: Products = Products()) -> "Affine":
         """x -> other(self(x)), the products (the bias's too) taken as `products` say."""
         M = np.asarray(other.W, products.dtype)
-        return Affine(_product(np.asarray(self.W, products.dtype), M, products.matmul),
-                      _rowvec_times(self.b, M) + other.b)
+        return Affine(
+            _product(np.asarray(self.W, products.dtype), M, products.matmul), _rowvec_times(self.b, M) + other.b
+        )
 
     def after_inverse_of(self, basis: "Basis") -> "Affine":
         """x̃ -> self(basis⁻¹(x̃)): self, for an input that arrives as x·B + c.
@@ -183,16 +184,21 @@ def fuse(weights: Weights, args: "ModelArgs", plan: Sequence[str], products: Pro
     fused = list(fuse_layers(weights.layers.__getitem__, len(plan), choose, args.parallel_block, products))
     out = replace(weights, layers=[layer for _, _, _, layer in fused])
     out.embed, out.positions, out.head = fuse_embeddings(
-        weights.embed, weights.positions, weights.head, choose(0, weights.layers[0])[1], products=products)
+        weights.embed, weights.positions, weights.head, choose(0, weights.layers[0])[1], products=products
+    )
     return out, new_args, [basis.inverted for _, _, basis, _ in fused if basis is not None]
 
 
 Choice = Tuple[str, Optional[Basis]]
 
 
-def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
-                choose: Callable[[int, Dict[str, Affine]], Choice], parallel: bool,
-                products: Products = Products()):
+def fuse_layers(
+    read_layer: Callable[[int], Dict[str, Affine]],
+    n_layers: int,
+    choose: Callable[[int, Dict[str, Affine]], Choice],
+    parallel: bool,
+    products: Products = Products(),
+):
     """Yield (original block i, its form, its Basis or None, fused block i) in order.
 
     `choose(i, block)` gives block i's form and basis once block i is read, so a
@@ -208,8 +214,7 @@ def fuse_layers(read_layer: Callable[[int], Dict[str, Affine]], n_layers: int,
         current, form, basis = upcoming, nxt_form, nxt_basis
 
 
-def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096,
-                    products: Products = Products()):
+def fuse_embeddings(embed, positions, head, basis: Optional[Basis], rows: int = 4096, products: Products = Products()):
     """(embed, positions, head) once the first block's basis is absorbed.
 
     Products are taken as `products` say, a few thousand rows at a time, and kept
@@ -267,8 +272,11 @@ def factor_and_condition(W: np.ndarray) -> Tuple[LU, float]:
 def square_projections(args: "ModelArgs") -> List[str]:
     """Which of "q", "k", "v" are square, so can move into the previous block."""
     d, hd = args.hidden_size, args.head_dim
-    widths = {"q": args.num_attention_heads * hd, "k": args.num_key_value_heads * hd,
-              "v": args.num_key_value_heads * hd}
+    widths = {
+        "q": args.num_attention_heads * hd,
+        "k": args.num_key_value_heads * hd,
+        "v": args.num_key_value_heads * hd,
+    }
     return [n for n, w in widths.items() if w == d]
 
 
@@ -291,8 +299,14 @@ def basis_of(layer: Dict[str, Affine], form: str, index: int, check: bool = True
     return Basis(B, lu, InvertedMatrix(index, projection(name), cond))
 
 
-def fuse_block(layer: Dict[str, Affine], form: str, basis: Optional[Basis], parallel: bool,
-               nxt: Optional[Basis], products: Products = Products()):
+def fuse_block(
+    layer: Dict[str, Affine],
+    form: str,
+    basis: Optional[Basis],
+    parallel: bool,
+    nxt: Optional[Basis],
+    products: Products = Products(),
+):
     """One block: read the input through this block's `basis` (that of the matrix
     `form` removes), drop P if the form says so, and emit the next block's basis
     `nxt` (None: emit x itself)."""

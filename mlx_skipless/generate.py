@@ -10,12 +10,12 @@ import sys
 import types
 
 import mlx.core as mx
-from mlx_lm.generate import generate, stream_generate
+from mlx_lm.generate import generate, stream_generate  # noqa: F401  (mlx_skipless.stream_generate)
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .loading import load
 
 DEFAULT_MODEL = "mlx_model"  # where `python -m mlx_skipless.convert` writes
@@ -42,22 +42,49 @@ def _bool(text: str) -> bool:
 def add_generation_args(p, max_tokens: int):
     """The flags generate and chat share, spelled as mlx-lm spells them: the model
     (and LoRA adapters), the system prompt, sampling and the KV cache."""
-    cli.add_model_args(p, "converted directory, vanilla skipless checkpoint or hub id "
-                       f"(default: {DEFAULT_MODEL})", default=DEFAULT_MODEL)
+    cli.add_model_args(
+        p,
+        f"converted directory, vanilla skipless checkpoint or hub id (default: {DEFAULT_MODEL})",
+        default=DEFAULT_MODEL,
+    )
     p.add_argument("--adapter-path", help="LoRA adapters trained by mlx_lm lora on this model")
     p.add_argument("--system-prompt", help="system message for the chat template")
-    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens,
-                   help="most tokens to generate (default %(default)s)")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--max-kv-size", type=int, help="rotating KV cache of this many tokens")
-    p.add_argument("--kv-bits", type=int, help="quantize the KV cache to this many bits")
-    p.add_argument("--kv-group-size", type=int, default=64)
-    p.add_argument("--quantized-kv-start", type=int, default=0,
-                   help="step from which the KV cache is quantized (with --kv-bits)")
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=max_tokens, help="most tokens to generate (default %(default)s)"
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default %(default)s: greedy)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the most likely tokens whose probabilities add up to this (default %(default)s: all)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this fraction of the likeliest one (default %(default)s: none)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from only this many likeliest tokens (default %(default)s: all)"
+    )
+    p.add_argument("--seed", type=int, help="random seed for sampling (default: unseeded)")
+    p.add_argument(
+        "--max-kv-size", type=int, help="rotating KV cache of this many tokens (default: the cache grows with the text)"
+    )
+    p.add_argument("--kv-bits", type=int, help="quantize the KV cache to this many bits (default: not quantized)")
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        help="group size of the KV cache's quantization (with --kv-bits; default %(default)s)",
+    )
+    p.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=0,
+        help="step from which the KV cache is quantized (with --kv-bits; default %(default)s)",
+    )
 
 
 def check_generation_args(opts):
@@ -96,10 +123,22 @@ def sampler_of(opts):
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx-skipless generate", description=__doc__.split("\n\n")[0])
     add_generation_args(p, max_tokens=100)
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt, or - to read stdin")
-    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
-    p.add_argument("--verbose", nargs="?", const=True, type=_bool, default=None,
-                   help="print timings (default true); given as true, also an error's traceback")
+    p.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt, or - to read stdin (default: %(default)r)"
+    )
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="use the prompt as it is, not through the tokenizer's chat template",
+    )
+    p.add_argument(
+        "--verbose",
+        nargs="?",
+        const=True,
+        type=_bool,
+        default=None,
+        help="print timings (default true); given as true, also an error's traceback",
+    )
     return p
 
 
@@ -126,11 +165,12 @@ def check_cache_flags(model, kv_bits, kv_group_size, max_kv_size):
     if kv_bits is None:
         return
     if max_kv_size is not None:
-        raise ValueError("--kv-bits and --max-kv-size do not combine: mlx-lm does not quantize "
-                         "a rotating KV cache")
+        raise ValueError("--kv-bits and --max-kv-size do not combine: mlx-lm does not quantize a rotating KV cache")
     if model.args.head_dim % kv_group_size:
-        raise ValueError(f"--kv-group-size {kv_group_size} does not divide the head size "
-                         f"{model.args.head_dim}, so the KV cache cannot be quantized")
+        raise ValueError(
+            f"--kv-group-size {kv_group_size} does not divide the head size "
+            f"{model.args.head_dim}, so the KV cache cannot be quantized"
+        )
 
 
 def context_length(model) -> int:
@@ -149,8 +189,9 @@ def fit_context(model, prompt_len: int, max_tokens: int, held: int = 0, log=None
     used = held + prompt_len if learned else prompt_len
     if used > limit or (learned and used == limit):
         if held and learned:
-            raise CheckpointError(f"the conversation holds {held} tokens and this turn adds {prompt_len}; "
-                                  f"the model's context is {limit}")
+            raise CheckpointError(
+                f"the conversation holds {held} tokens and this turn adds {prompt_len}; the model's context is {limit}"
+            )
         raise CheckpointError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
     if learned and used + max_tokens > limit:
         max_tokens = limit - used
@@ -179,12 +220,19 @@ def main(opts):
     tokens = encode_prompt(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
     if len(tokens) == 0:
         raise ValueError("the prompt encodes to no tokens")
-    max_tokens = fit_context(model, len(tokens), opts.max_tokens,
-                             log=lambda note: print(note, file=sys.stderr))
-    text = generate(model, tokenizer, tokens, verbose=verbose, max_tokens=max_tokens,
-                    sampler=sampler_of(opts), prompt_cache=prompt_cache(model, opts.max_kv_size),
-                    kv_bits=opts.kv_bits,
-                    kv_group_size=opts.kv_group_size, quantized_kv_start=opts.quantized_kv_start)
+    max_tokens = fit_context(model, len(tokens), opts.max_tokens, log=lambda note: print(note, file=sys.stderr))
+    text = generate(
+        model,
+        tokenizer,
+        tokens,
+        verbose=verbose,
+        max_tokens=max_tokens,
+        sampler=sampler_of(opts),
+        prompt_cache=prompt_cache(model, opts.max_kv_size),
+        kv_bits=opts.kv_bits,
+        kv_group_size=opts.kv_group_size,
+        quantized_kv_start=opts.quantized_kv_start,
+    )
     if not verbose:
         print(text)
 

@@ -1,8 +1,8 @@
-"""Move weights between the skipless model's flat tensors and fusion's `Weights`.
+"""Weight orientation: move weights between the skipless model's flat tensors and fusion's `Weights`.
 
 Flat tensors use the model's parameter names (names.py) and the (out, in)
 orientation shared by MLX and Hugging Face; `Weights` uses the paper's (in, out).
-Both sides are numpy here; the caller picks the dtype.
+Both sides are numpy here; the caller picks the dtype. Files on disk are modeldir.py's.
 """
 
 from typing import Dict

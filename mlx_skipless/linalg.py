@@ -62,8 +62,9 @@ def lu_factor(A: np.ndarray) -> LU:
     return LU(F, perm, {})
 
 
-def largest_singular_value(apply: Callable, apply_t: Callable, n: int, dtype=np.float32,
-                           iters: int = 6, block: int = 16, seed: int = 0) -> float:
+def largest_singular_value(
+    apply: Callable, apply_t: Callable, n: int, dtype=np.float32, iters: int = 6, block: int = 16, seed: int = 0
+) -> float:
     """‖M‖₂ of an n x n M seen only through X ↦ M·X and X ↦ Mᵀ·X: block Krylov on MᵀM,
     then the largest singular value of M on the whole subspace. A lower bound, closer
     than plain power iteration twice as long: within 1.3% at n = 4096 where the top
@@ -127,8 +128,15 @@ def _permute_rows(A: np.ndarray, p: np.ndarray):
     A[moved] = A[p[moved]]
 
 
-def _tri_solve(T: np.ndarray, X: np.ndarray, lower: bool, unit: bool, inverses: Optional[dict] = None,
-               transposed: bool = False, offset: int = 0):
+def _tri_solve(
+    T: np.ndarray,
+    X: np.ndarray,
+    lower: bool,
+    unit: bool,
+    inverses: Optional[dict] = None,
+    transposed: bool = False,
+    offset: int = 0,
+):
     """X ← T⁻¹·X for the triangle of T that `lower` names (unit: its diagonal taken
     as ones), by halves: the work is in products. `inverses` caches the small
     triangles inverted, by where they sit (`offset` in the whole triangle)."""

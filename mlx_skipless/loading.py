@@ -9,8 +9,10 @@ import mlx.nn as nn
 import numpy as np
 
 from . import families, names
-from .checkpoint import TOKENIZER_FILES, CheckpointError, TensorSource, read_config, read_json, resolve
+from .errors import CheckpointError
+from .hub import TOKENIZER_FILES, read_config, read_json, resolve
 from .models.skipless import Block, Model, ModelArgs
+from .safetensors_reader import TensorSource
 
 
 class SkiplessCheckpoint:
@@ -21,12 +23,13 @@ class SkiplessCheckpoint:
         self.path = resolve(path_or_repo, revision)
         self.config = read_config(self.path)
         self.source = TensorSource(self.path)
-        self.mapping = families.Mapping(self.config, self.source.shapes, assume_skipless, str(self.path))
+        self.mapping = families.WeightMapping(self.config, self.source.shapes, assume_skipless, str(self.path))
         self.family, self.args = self.mapping.family.name, self.mapping.args
         if any(self.args.removed):
             raise CheckpointError(
                 f"{self.path} is already reduced (layers without {sorted(set(self.args.removed) - {''})}): "
-                "fusion starts from the vanilla checkpoint it was converted from; pass that instead")
+                "fusion starts from the vanilla checkpoint it was converted from; pass that instead"
+            )
 
     def layer(self, i: int, dtype=np.float64) -> Dict[str, np.ndarray]:
         """Block i as float64 (or float32) arrays, named relative to the block
@@ -65,9 +68,15 @@ def store(module: nn.Module, dtype, quantize: Optional[dict]) -> nn.Module:
     """Cast, then quantize as mlx-lm does (layers whose input width fits the groups)."""
     module.set_dtype(dtype)
     if quantize:
-        nn.quantize(module, quantize["group_size"], quantize["bits"], mode=quantize.get("mode", "affine"),
-                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[-1] % quantize["group_size"] == 0)
+        nn.quantize(
+            module,
+            quantize["group_size"],
+            quantize["bits"],
+            mode=quantize.get("mode", "affine"),
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % quantize["group_size"] == 0
+            ),
+        )
     return module
 
 
@@ -79,16 +88,19 @@ def check_quantization(args: ModelArgs, group_size: int, bits: int):
     widths = sorted({args.hidden_size, args.num_attention_heads * args.head_dim, args.intermediate_size})
     fits = [w for w in widths if w % group_size == 0]
     if not fits:
-        raise CheckpointError(f"--q-group-size {group_size} divides none of this model's matrix input "
-                              f"widths {widths}: nothing would be quantized")
+        raise CheckpointError(
+            f"--q-group-size {group_size} divides none of this model's matrix input "
+            f"widths {widths}: nothing would be quantized"
+        )
     try:
         mx.eval(mx.quantize(mx.zeros((1, fits[0])), group_size=group_size, bits=bits))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"-q --q-bits {bits} --q-group-size {group_size}: {e}") from None
 
 
-def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
-               assume_skipless: bool = False) -> Tuple[Model, dict]:
+def load_model(
+    path_or_repo: str, revision: Optional[str] = None, lazy: bool = False, assume_skipless: bool = False
+) -> Tuple[Model, dict]:
     """A converted model directory, or a vanilla skipless checkpoint of any family."""
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -98,8 +110,9 @@ def load_model(path_or_repo: str, revision: Optional[str] = None, lazy: bool = F
         raise CheckpointError(f"{path} has no model*.safetensors weight files")
     if config.get("model_type") == "skipless":
         # Our own code builds the model, so the copied model_file need not run.
-        model, config = mlx_lm_load_model(path, lazy=lazy, model_config={"model_file": None},
-                                          get_model_classes=lambda config: (Model, ModelArgs))
+        model, config = mlx_lm_load_model(
+            path, lazy=lazy, model_config={"model_file": None}, get_model_classes=lambda config: (Model, ModelArgs)
+        )
         return model, config
     ckpt = SkiplessCheckpoint(str(path), assume_skipless=assume_skipless)
     model = Model(ckpt.args)
@@ -121,7 +134,6 @@ def load_tokenizer(path, eos_token_id=None, tokenizer_config: Optional[dict] = N
     """mlx-lm's tokenizer of a model directory, or a CheckpointError naming the
     file that keeps it from loading. None where the directory has no tokenizer files."""
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
-
     from transformers.utils import logging
 
     present = [path / n for n in TOKENIZER_FILES if (path / n).exists() or (path / n).is_symlink()]
@@ -155,12 +167,19 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where):
     else:
         n = max(tokenizer.get_vocab().values(), default=-1) + 1
     if n > vocab_size:
-        raise CheckpointError(f"{where}: the tokenizer has {n:,} token ids but the model's embedding only "
-                              f"{vocab_size:,} rows; use the tokenizer the model was trained with")
+        raise CheckpointError(
+            f"{where}: the tokenizer has {n:,} token ids but the model's embedding only "
+            f"{vocab_size:,} rows; use the tokenizer the model was trained with"
+        )
 
 
-def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
-         assume_skipless: bool = False, tokenizer_config: Optional[dict] = None):
+def load(
+    path_or_repo: str,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+    assume_skipless: bool = False,
+    tokenizer_config: Optional[dict] = None,
+):
     """(model, tokenizer), like mlx_lm.load, for converted and vanilla skipless models."""
     path = resolve(path_or_repo, revision)
     model, config = load_model(str(path), None, lazy, assume_skipless)

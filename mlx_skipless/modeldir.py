@@ -1,13 +1,13 @@
-"""Model directories: the one layout every command writes, and its reader.
+"""Model directories: the files every command writes (one format for all), and their reader.
 
 convert, train, normfree and whatif all write the same thing: config.json
 (ModelArgs under Hugging Face names, plus which command wrote it and that
-command's record), the weights in mlx-lm's layout (model.safetensors, or shards
+command's record), the weights in mlx-lm's files (model.safetensors, or shards
 and an index), a copy of the model file so that stock mlx-lm runs it with
 --trust-remote-code, and the tokenizer when there is one. A trainer's own state
 (step, options, optimizer moments) lives in training/, where no loader looks for
 weights. Where the directory goes, and that it appears whole or not at all, is
-checkpoint.OutputDir's job.
+output_dir.OutputDir's job.
 """
 
 import json
@@ -20,15 +20,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import __version__
-from .checkpoint import (OPTIMIZER_STATE as OPTIMIZER, TRAINER_STATE as STATE, TRAINING_DIR, WRITER_KEY,
-                         CheckpointError, ShardWriter, read_config, read_header, read_json)
+from .errors import CheckpointError
+from .hub import read_config, read_json
+from .manifest import OPTIMIZER_STATE as OPTIMIZER
+from .manifest import TRAINER_STATE as STATE
+from .manifest import TRAINING_DIR, WRITER_KEY
 from .models import skipless
+from .safetensors_reader import read_header
+from .shards import ShardWriter
 
 MODEL_FILE = "skipless.py"
 
 
-def write_config(directory: Path, args: skipless.ModelArgs, command: str, dtype: str = "float32",
-                 **entries):
+def write_config(directory: Path, args: skipless.ModelArgs, command: str, dtype: str = "float32", **entries):
     """config.json and the model file. `entries`: the command's record
     (conversion=..., training=...), token ids, quantization."""
     config = {k: v for k, v in asdict(args).items() if v is not None}  # None: the default
@@ -47,9 +51,16 @@ def write_weights(directory: Path, params: dict, total_parameters: Optional[int]
     writer.close(total_parameters or sum(v.size for v in params.values()))
 
 
-def save(directory: Path, model: skipless.Model, args: skipless.ModelArgs, command: str,
-         tokenizer=None, record: Optional[dict] = None, training: Optional[dict] = None,
-         optimizer=None):
+def save(
+    directory: Path,
+    model: skipless.Model,
+    args: skipless.ModelArgs,
+    command: str,
+    tokenizer=None,
+    record: Optional[dict] = None,
+    training: Optional[dict] = None,
+    optimizer=None,
+):
     """A model and its tokenizer (a `tokenizers.Tokenizer`) into `directory`,
     which the caller staged; `training` and `optimizer`: the trainer's state."""
     from . import data
@@ -58,8 +69,15 @@ def save(directory: Path, model: skipless.Model, args: skipless.ModelArgs, comma
     params = dict(tree_flatten(model.parameters()))
     dtype = str(next(iter(params.values())).dtype).removeprefix("mlx.core.")
     eos = tokenizer.token_to_id(data.EOS) if tokenizer is not None else None
-    write_config(directory, args, command, dtype, bos_token_id=eos, eos_token_id=eos,
-                 **({command: record} if record is not None else {}))
+    write_config(
+        directory,
+        args,
+        command,
+        dtype,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        **({command: record} if record is not None else {}),
+    )
     write_weights(directory, params)
     if tokenizer is not None:
         data.save_tokenizer(tokenizer, directory, args.max_position_embeddings)
@@ -93,12 +111,14 @@ def read(path) -> Loaded:
         raise CheckpointError(f"{path}: no such model directory")
     config = read_config(path)
     if config.get("model_type") != "skipless":
-        raise CheckpointError(f"{path} is not a skipless model directory (model_type "
-                              f"{config.get('model_type')!r}); convert it with mlx_skipless.convert first")
+        raise CheckpointError(
+            f"{path} is not a skipless model directory (model_type "
+            f"{config.get('model_type')!r}); convert it with mlx_skipless.convert first"
+        )
     from .loading import check_tokenizer_fits, load_model
 
     model, _ = load_model(str(path))
-    tokenizer = data.load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    tokenizer = data.read_tokenizer_json(path) if (path / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, model.args.vocab_size, path)
     return Loaded(model, model.args, tokenizer, training_state(path))
@@ -123,6 +143,7 @@ def read_optimizer_state(path):
     state = mx.load(str(f))
     bad = next((k for k, v in state.items() if not mx.isfinite(v).all().item()), None)
     if bad is not None:
-        raise CheckpointError(f"{f}: the optimizer state {bad!r} holds non-finite values; resuming from it "
-                              "would turn the weights to NaN")
+        raise CheckpointError(
+            f"{f}: the optimizer state {bad!r} holds non-finite values; resuming from it would turn the weights to NaN"
+        )
     return tree_unflatten(list(state.items()))

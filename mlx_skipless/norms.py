@@ -55,8 +55,9 @@ class ScaleRecorder(nn.Module):
         return self.sums / self.count
 
 
-def fold(W: np.ndarray, c: Optional[np.ndarray], gain: np.ndarray, beta: Optional[np.ndarray],
-         scale: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def fold(
+    W: np.ndarray, c: Optional[np.ndarray], gain: np.ndarray, beta: Optional[np.ndarray], scale: float
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(W', c') of a linear layer (out, in) — or a stack of experts (n, out, in) —
     that absorbs the fixed norm's affine part. c' is None when no bias is needed."""
     W = np.asarray(W, np.float64)

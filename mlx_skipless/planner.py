@@ -14,7 +14,7 @@ more ill-conditioned layers never makes the model worse, which is what the
 bound says. Without measurements (--no-verify) the bound alone decides.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import fusion, verify
@@ -34,14 +34,16 @@ UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 def storage_roundoff(dtype: str, q_bits: Optional[int] = None) -> float:
     """The relative rounding error of storing in `dtype`, or in `q_bits`-bit quantization if coarser."""
-    return max(UNIT_ROUNDOFF[dtype], 2.0 ** -q_bits if q_bits else 0.0)
+    return max(UNIT_ROUNDOFF[dtype], 2.0**-q_bits if q_bits else 0.0)
 
 
 def condition_numbers(ckpt) -> list:
     """Per layer {"q": cond(Q), ...} for every square projection of a checkpoint, as the conversion reports them."""
     square = fusion.square_projections(ckpt.args)
-    return [{m: fusion.factor_and_condition(layer[attention(m) + ".weight"])[1] for m in square}
-            for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))]
+    return [
+        {m: fusion.factor_and_condition(layer[attention(m) + ".weight"])[1] for m in square}
+        for layer in map(ckpt.layer, range(ckpt.args.num_hidden_layers))
+    ]
 
 
 def best(conds: Conds) -> List[Optional[str]]:
@@ -137,13 +139,16 @@ def settle(passes, staging, first, merge_p: str, unit: float, budget, stored_as:
     first pass is written: measured against `budget` (None: the bound decided)."""
     conds = passes.conds
     if budget is None:
-        planning = {"method": "bound: keep B where cond(B) is past "
-                    f"max({MAX_AMPLIFICATION:g}, {AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"}
+        planning = {
+            "method": "bound: keep B where cond(B) is past "
+            f"max({MAX_AMPLIFICATION:g}, {AMPLIFICATION_BUDGET:g}/u), u = {unit:.3g}"
+        }
         notes = notes_for(conds, first.forms, _over_bound(bound_limit(unit)))
         return first.forms, first, planning, notes
     rungs = ladder(conds, merge_p)
-    forms, first, planning = measured_plan(passes, staging, rungs, len(doubtful(conds, unit)), first, budget,
-                                           stored_as, log)
+    forms, first, planning = measured_plan(
+        passes, staging, rungs, len(doubtful(conds, unit)), first, budget, stored_as, log
+    )
     notes = notes_for(conds, forms, f"removing it put the model over the budget in {stored_as}")
     return forms, first, planning, notes
 
@@ -162,8 +167,8 @@ def measured_plan(passes, staging, rungs, n_doubtful, first, budget, stored_as, 
     original with only P merged, an exact re-expression that inverts nothing.
     The budget is relative to the worse of the two, because on a sensitive
     model two equally good roundings can differ several-fold in KL."""
-    noise = {"original": first.verification["stored"]["original"]}
-    figures = {0: first.verification["stored"]["converted"]}
+    noise = {"original": first.checked.original}
+    figures = {0: first.checked.converted}
     p_merged = len(rungs) - 2 if rungs[-2] != rungs[-1] else None
 
     def admits(k):
@@ -181,24 +186,31 @@ def measured_plan(passes, staging, rungs, n_doubtful, first, budget, stored_as, 
         noise["p_merged"] = figures[p_merged]
     chosen = 0
     if not admits(0):
-        log(f"[PLAN] removing every removable Q/K/V is over the fidelity budget in {stored_as}; "
-            "searching for the largest plan within it")
+        log(
+            f"[PLAN] removing every removable Q/K/V is over the fidelity budget in {stored_as}; "
+            "searching for the largest plan within it"
+        )
         # the P-merged rung is a reference rounding itself: within budget by definition
         chosen = search(admits, len(rungs) - 1 if p_merged is None else p_merged)
-        rewritten = passes.rewrite(staging, first, rungs[chosen], figures[chosen]) if chosen in figures else None
-        if rewritten is None:  # a plan that differs from the first in more than kept bases
-            first.writer.discard()  # the trials read it
-            passes.top = None
-            rewritten = passes.write(staging, rungs[chosen])
-        first = rewritten
+        first = passes.write_instead(staging, first, rungs[chosen], figures.get(chosen))
     if "p_merged" in noise:
-        v = first.verification
-        v["stored"]["original_p_merged"] = noise["p_merged"]
-        v["degraded"] = degraded(v["float32"], v["stored"]["converted"], verify.worst(*noise.values()))
+        v = first.checked
+        first = first._replace(
+            checked=replace(
+                v,
+                original_p_merged=noise["p_merged"],
+                degraded=degraded(v.float32, v.converted, verify.worst(*noise.values())),
+            )
+        )
     planning = {
         "method": "measured: the top rung, then bisection on layers ordered by condition number",
-        "budget": asdict(budget), "doubtful_layers": n_doubtful, "rounding": noise, "chosen_rung": chosen,
-        "trials": [{"rung": k, "removed": [f or "-" for f in rungs[k]], "converted": m, "admitted": admits(k)}
-                   for k, m in figures.items()],
+        "budget": asdict(budget),
+        "doubtful_layers": n_doubtful,
+        "rounding": {k: m.as_dict() for k, m in noise.items()},
+        "chosen_rung": chosen,
+        "trials": [
+            {"rung": k, "removed": [f or "-" for f in rungs[k]], "converted": m.as_dict(), "admitted": admits(k)}
+            for k, m in figures.items()
+        ],
     }
     return rungs[chosen], first, planning

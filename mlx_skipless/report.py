@@ -55,8 +55,7 @@ def build_report(source, ckpt, args, new_args, forms, notes, inverted, dtype, qu
             "untied_head": savings["reduced"]["components"].get(LM_HEAD, 0)
             - savings["vanilla"]["components"].get(LM_HEAD, 0),
         },
-        "predicted_speedup": {"paper": savings["speedup_paper"],
-                              "bytes_read": savings["speedup_predicted"]},
+        "predicted_speedup": {"paper": savings["speedup_paper"], "bytes_read": savings["speedup_predicted"]},
     }
 
 
@@ -65,8 +64,10 @@ def verification_rows(v):
     # after --remove auto rewrote a plan from the first one's blocks, float32 is the first plan's
     rows = [("converted, float32" + (" (first plan)" if v.get("float32_plan") else ""), v["float32"])]
     if v["stored_as"] != "float32":
-        rows += [(f"converted, {v['stored_as']}", v["stored"]["converted"]),
-                 (f"original, {v['stored_as']}", v["stored"]["original"])]
+        rows += [
+            (f"converted, {v['stored_as']}", v["stored"]["converted"]),
+            (f"original, {v['stored_as']}", v["stored"]["original"]),
+        ]
         if "original_p_merged" in v["stored"]:
             rows.append((f"original, P merged, {v['stored_as']}", v["stored"]["original_p_merged"]))
     return rows
@@ -76,8 +77,10 @@ def log_report(report, log):
     """The report as the converter's [INFO], [VERIFY] and [WARNING] lines."""
     w = report["weights"]
     conds = [entry["cond"] for entry in report["layers"] if "cond" in entry]
-    log(f"[INFO] weights {w['before']:,} -> {w['after']:,} ({100 * w['removed_fraction']:.1f}% removed), "
-        f"predicted batch-1 speedup {report['predicted_speedup']['bytes_read']:.3f}x")
+    log(
+        f"[INFO] weights {w['before']:,} -> {w['after']:,} ({100 * w['removed_fraction']:.1f}% removed), "
+        f"predicted batch-1 speedup {report['predicted_speedup']['bytes_read']:.3f}x"
+    )
     if conds:
         log(f"[INFO] inverted {len(conds)} matrices, condition numbers {min(conds):.3g} to {max(conds):.3g}")
     v = report.get("verification")
@@ -85,13 +88,16 @@ def log_report(report, log):
         rows = verification_rows(v)
         width = max(28, *(len(name) for name, _ in rows))
         for name, m in rows:
-            log(f"[VERIFY] {name:<{width}} max rel. logit error {m['max_rel_error']:.2e}, "
-                f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}")
+            log(
+                f"[VERIFY] {name:<{width}} max rel. logit error {m['max_rel_error']:.2e}, "
+                f"top-1 agreement {100 * m['top1_agreement']:.1f}%, KL {m['kl']:.2e}"
+            )
         if v.get("reference_max_abs_logit") == 0:
-            log("[WARNING] the original's logits on the probe are all zero (its activations vanish "
-                "through the blocks): the figures above compare nothing")
+            log(
+                "[WARNING] the original's logits on the probe are all zero (its activations vanish "
+                "through the blocks): the figures above compare nothing"
+            )
         if v["degraded"]:
             log("[WARNING] " + "!" * 60)
             log("[WARNING] FUSION MADE THIS MODEL CLEARLY WORSE than plain rounding of the original.")
             log("[WARNING] " + "!" * 60)
-

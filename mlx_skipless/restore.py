@@ -17,9 +17,10 @@ from mlx.utils import tree_flatten
 
 from . import __version__, counting, modeldir, verify
 from .card import model_card
-from .checkpoint import OutputDir, copy_tokenizer
+from .hub import copy_tokenizer
 from .loading import load_model, store
 from .models.skipless import ModelArgs
+from .output_dir import OutputDir
 from .report import log_report, verification_record
 
 
@@ -37,30 +38,48 @@ def has_nothing_to_fuse(config: dict) -> bool:
 
 
 def why(args: ModelArgs) -> str:
-    kept = [what for what, present in (("residual adds", args.residual),
-                                        (f"{args.block_norm} block norms", args.block_norm)) if present]
+    kept = [
+        what
+        for what, present in (("residual adds", args.residual), (f"{args.block_norm} block norms", args.block_norm))
+        if present
+    ]
     if kept:
         return f"its blocks keep {' and '.join(kept)}, across which no matrix can move"
     return "it was trained in its reduced form"
 
 
-def restore(source: str, path: Path, output: OutputDir, dtype: str, quant: Optional[dict], tokenizer: Path,
-            probe_batch: int, verify_output: bool, model_name: str, log=print) -> dict:
+def restore(
+    source: str,
+    path: Path,
+    output: OutputDir,
+    dtype: str,
+    quant: Optional[dict],
+    tokenizer: Path,
+    probe_batch: int,
+    verify_output: bool,
+    model_name: str,
+    log=print,
+) -> dict:
     """Store the model at `path` as `dtype` (and `quant`) into `output`; the report."""
     model, config = load_model(str(path))
     args = model.args
-    log(f"[INFO] nothing to fuse: {why(args)}; storing it as {dtype}"
-        + (f", {quant['bits']}-bit" if quant else ""))
+    log(f"[INFO] nothing to fuse: {why(args)}; storing it as {dtype}" + (f", {quant['bits']}-bit" if quant else ""))
     model.set_dtype(mx.float32)
     tokens = verify.probe_tokens(args.vocab_size, probe_batch) if verify_output else None
     reference = np.array(model(tokens), np.float64) if verify_output else None
     store(model, verify.DTYPES[dtype], quant)
     n = counting.count(args)["total"]
     report = {
-        "source": source, "family": "skipless", "mlx_skipless_version": __version__, "dtype": dtype,
-        "quantization": quant, "restored": f"nothing fused: {why(args)}",
-        "layers": [{"layer": i, "removed": form, "note": "trained without it" if form else ""}
-                   for i, form in enumerate(args.removed)],
+        "source": source,
+        "family": "skipless",
+        "mlx_skipless_version": __version__,
+        "dtype": dtype,
+        "quantization": quant,
+        "restored": f"nothing fused: {why(args)}",
+        "layers": [
+            {"layer": i, "removed": form, "note": "trained without it" if form else ""}
+            for i, form in enumerate(args.removed)
+        ],
         "weights": {"before": n, "after": n, "removed": 0, "removed_fraction": 0.0, "untied_head": 0},
         "predicted_speedup": {"paper": 1.0, "bytes_read": 1.0},
     }
@@ -69,7 +88,10 @@ def restore(source: str, path: Path, output: OutputDir, dtype: str, quant: Optio
         stored_as = dtype + (f", {quant['bits']}-bit (group {quant['group_size']})" if quant else "")
         report["verification"] = verification_record(
             {"converted": reference, "converted_stored": stored},
-            {"original": reference, "original_stored": stored}, stored_as, tokens.shape)
+            {"original": reference, "original_stored": stored},
+            stored_as,
+            tokens.shape,
+        )
     with output.protect(path), output.stage() as staging:
         modeldir.write_weights(staging, dict(tree_flatten(model.parameters())), n)
         quantization = {"quantization": quant, "quantization_config": quant} if quant else {}

@@ -14,12 +14,23 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import fusion, layout, verify
-from .checkpoint import ShardWriter, as_stored, stored_values
+from .dtypes import as_stored, stored_values
 from .loading import block_module, shell_module, store
 from .models.skipless import Block, Model
-from .names import (EMBED, EMBED_TOKENS, FFN_IN_LEAVES, FFN_OUT_LEAVES, HEAD, POSITIONS, block_key, is_norm,
-                    projection, split_block_key)
+from .names import (
+    EMBED,
+    EMBED_TOKENS,
+    FFN_IN_LEAVES,
+    FFN_OUT_LEAVES,
+    HEAD,
+    POSITIONS,
+    block_key,
+    is_norm,
+    projection,
+    split_block_key,
+)
 from .report import degraded, verification_record
+from .shards import ShardWriter
 
 ORIGINALS = ("original", "original_stored")
 
@@ -57,11 +68,29 @@ def products_for(dtype: str, quantized: bool) -> fusion.Products:
 
 
 class Pass(NamedTuple):
+    """A plan written: its forms and config, the matrix each layer inverted, its
+    figures (None unverified) and the writer holding its tensors until `close`."""
+
     forms: list
     args: object
     inverted: list
-    verification: Optional[dict]
+    checked: Optional[verify.Verification]
     writer: Optional[ShardWriter]
+
+    @property
+    def verification(self) -> Optional[dict]:
+        """The figures as the report records them."""
+        return self.checked.as_dict() if self.checked else None
+
+
+class Reusable(NamedTuple):
+    """What the first written pass leaves for trials of other plans (`Passes._reuse`)."""
+
+    forms: list
+    args: object
+    writer: ShardWriter  # its tensors as stored
+    entering: dict  # block -> the stored converted model's activations entering it; -1: the embeddings'
+    shell: object  # its embeddings, final norm and head, computing on numpy
 
 
 class Passes:
@@ -75,32 +104,47 @@ class Passes:
         self.ckpt, self.target, self.quant, self.stored_as = ckpt, target, quant, stored_as
         self.tokens, self.progress, self.products = tokens, progress, products
         self.reference, self.conds = {}, None
-        self.top = None  # the first pass written: what trials of other plans reuse
+        self.top: Optional[Reusable] = None  # from the first pass written
 
     def write(self, staging, plan) -> Pass:
         """Write the converted model into `staging` and verify it. `plan` is the
         list of forms, or a function from a layer's condition numbers to its form."""
         writer = ShardWriter(staging)
-        names = () if self.tokens is None else (
-            ("converted", "converted_stored") + (() if self.reference else ORIGINALS))
+        names = (
+            () if self.tokens is None else (("converted", "converted_stored") + (() if self.reference else ORIGINALS))
+        )
         forms, new_args, inverted, logits = self._run(plan, names, writer)
         if fusion.reduced_args(self.ckpt.args, forms) != new_args:  # a provisional field was wrong
             writer.discard()
             writer, self.top = ShardWriter(staging), None
             forms, new_args, inverted, logits = self._run(forms, names, writer)
         self.reference.update({n: logits.pop(n) for n in ORIGINALS if n in logits})
-        verification = verification_record(logits, self.reference, self.stored_as, self.tokens.shape) if names else None
-        return Pass(forms, new_args, inverted, verification, writer)
+        checked = (
+            verify.Verification.of(verification_record(logits, self.reference, self.stored_as, self.tokens.shape))
+            if names
+            else None
+        )
+        return Pass(forms, new_args, inverted, checked, writer)
 
-    def evaluate(self, forms) -> dict:
+    def write_instead(self, staging, first: Pass, forms, measured: Optional[verify.Metrics]) -> Pass:
+        """`forms` written in place of `first`, the first written pass: from what it stored
+        where `rewrite` can (given `measured`, its stored figures), else fused anew."""
+        rewritten = None if measured is None else self.rewrite(staging, first, forms, measured)
+        if rewritten is None:  # not measured, or it differs from the first in more than kept bases
+            first.writer.discard()
+            self.top = None
+            rewritten = self.write(staging, forms)
+        return rewritten
+
+    def evaluate(self, forms) -> verify.Metrics:
         """The stored converted model's figures, nothing written."""
         logits = self._reuse(forms)
         if logits is None:
             _, _, _, run = self._run(forms, ("converted_stored",), None)
             logits = run["converted_stored"]
-        return verify.compare(logits, self.reference["original"])
+        return verify.measure(logits, self.reference["original"])
 
-    def rewrite(self, staging, first: Pass, forms, measured: dict) -> Optional[Pass]:
+    def rewrite(self, staging, first: Pass, forms, measured: verify.Metrics) -> Optional[Pass]:
         """`forms` written from what the first written pass stored, where the two differ
         only in which layers keep their Q/K/V (as for `_reuse`), nothing fused again;
         `measured`: its stored figures from `evaluate`. The float32 figures stay those of
@@ -110,12 +154,15 @@ class Passes:
         if plan is None:
             return None
         new_args, changed = plan
-        old = self.top[2]
+        old = self.top.writer
         writer = ShardWriter(staging, prefix="rewrite")  # beside the first pass's files, read meanwhile
         shell = {k: old.read(k) for k in old.keys() if split_block_key(k) is None}
         if 0 in changed:  # block 0 keeps its basis: the embeddings are the original's, as stored
-            original = dict(tree_flatten(store(shell_module(self.ckpt.args, self.ckpt.globals()),
-                                               self.target, self.quant).parameters()))
+            original = dict(
+                tree_flatten(
+                    store(shell_module(self.ckpt.args, self.ckpt.globals()), self.target, self.quant).parameters()
+                )
+            )
             embedding = {k.rsplit(".", 1)[0] for k in (EMBED, POSITIONS)}
             shell.update({k: v for k, v in original.items() if k.rsplit(".", 1)[0] in embedding})
         writer.add(shell)
@@ -123,12 +170,9 @@ class Passes:
             writer.add({block_key(i, k): v for k, v in tensors.items()}, dtype)
         old.discard()
         self.top = None
-        v = dict(first.verification, stored={**first.verification["stored"], "converted": measured})
-        if v["stored_as"] == "float32":
-            v["float32"] = measured
-        else:
-            v["float32_plan"] = "first"
-        v["degraded"] = degraded(v["float32"], measured, v["stored"]["original"])
+        v = first.checked
+        v = replace(v, float32=measured) if v.stored_as == "float32" else replace(v, float32_plan="first")
+        v = replace(v, converted=measured, degraded=degraded(v.float32, measured, v.original))
         inverted = [None if i in changed else inv for i, inv in enumerate(first.inverted)]
         return Pass(list(forms), new_args, inverted, v, writer)
 
@@ -145,27 +189,29 @@ class Passes:
         if plan is None:
             return None
         new_args, changed = plan
-        _, _, _, entering, shell = self.top
         start = max(changed[0] - 1, 0)
         streams = verify.Streams(self.tokens)
-        streams.h["converted_stored"] = entering[-1 if changed[0] == 0 else start]
+        streams.h["converted_stored"] = self.top.entering[-1 if changed[0] == 0 else start]
         for _, block, _, _ in self._blocks_from_top(forms, new_args, changed, start, "trying"):
             streams.step("converted_stored", block)
             mx.clear_cache()
-        return streams.finish("converted_stored", shell)
+        return streams.finish("converted_stored", self.top.shell)
 
     def _from_top(self, forms):
         """(its args, the layers that differ) for `forms` that differ from the first
         written pass only in which layers keep their Q/K/V; else None."""
         if self.top is None:
             return None
-        top_forms, top_args = self.top[:2]
+        top_forms, top_args = self.top.forms, self.top.args
         args, L = self.ckpt.args, self.ckpt.args.num_hidden_layers
         new_args = fusion.reduced_args(args, forms)
         changed = [i for i in range(L) if forms[i] != top_forms[i]]
-        if (replace(new_args, removed=top_forms) != top_args or not changed
-                or any(forms[i].replace("p", "") and top_forms[i].replace("p", "") for i in changed)
-                or any(forms[i].count("p") != top_forms[i].count("p") for i in changed)):
+        if (
+            replace(new_args, removed=top_forms) != top_args
+            or not changed
+            or any(forms[i].replace("p", "") and top_forms[i].replace("p", "") for i in changed)
+            or any(forms[i].count("p") != top_forms[i].count("p") for i in changed)
+        ):
             return None
         return new_args, changed
 
@@ -173,19 +219,25 @@ class Passes:
         """(i, block as stored, its tensors and their dtype as `_store` gives them) for
         blocks `start`.. of `forms`, from the first written pass and, where `forms` keeps
         a basis, the original's matrices stored the same way (see `_reuse`)."""
-        args, L, writer = self.ckpt.args, self.ckpt.args.num_hidden_layers, self.top[2]
+        args, L, writer = self.ckpt.args, self.ckpt.args.num_hidden_layers, self.top.writer
         readers = set(map(projection, "qkv")) | (set(FFN_IN_LEAVES) if args.parallel_block else set())
         emitters = set(FFN_OUT_LEAVES) | ({projection("o")} if args.parallel_block else set())
         for i in _progress(range(start, L), L - start, self.progress, desc):
             take = (readers if i in changed else set()) | (emitters if i + 1 in changed else set())
             flat = self.ckpt.layer(i, np.float32) if take else {}
-            original = (self._store(args, i, flat)[1] if self.quant and take else  # quantized as a whole block
-                        {k: as_stored(v, self.target)[0] for k, v in flat.items() if k.rsplit(".", 2)[-2] in take})
+            original = (
+                self._store(args, i, flat)[1]
+                if self.quant and take
+                # quantized as a whole block
+                else {k: as_stored(v, self.target)[0] for k, v in flat.items() if k.rsplit(".", 2)[-2] in take}
+            )
             block = Block(new_args, forms[i])  # lazy: allocates nothing
             if self.quant:
                 block = store(block, self.target, self.quant)  # its tensors: with scales and biases
-            tensors = {k: original[k] if k.rsplit(".", 2)[-2] in take else self._reread(writer, block_key(i, k))
-                       for k, _ in tree_flatten(block.parameters())}
+            tensors = {
+                k: original[k] if k.rsplit(".", 2)[-2] in take else self._reread(writer, block_key(i, k))
+                for k, _ in tree_flatten(block.parameters())
+            }
             if self.quant:
                 block.load_weights(list(tensors.items()))
                 yield i, block, tensors, None
@@ -258,8 +310,9 @@ class Passes:
 
         pending = {0: first_block}  # read once: the generator takes it from here
         del first_block
-        layers = fusion.fuse_layers(lambda i: pending.pop(i) if i in pending else read(i), L, choose_once,
-                                    args.parallel_block, self.products)
+        layers = fusion.fuse_layers(
+            lambda i: pending.pop(i) if i in pending else read(i), L, choose_once, args.parallel_block, self.products
+        )
         inverted = []
         desc = "fusing" if writer else "trying"
         entering = {}  # the stored converted model's activations entering each block
@@ -279,10 +332,12 @@ class Passes:
                 streams.step("converted_stored", stored)
             del stored
             # One model at a time: each is built, advanced by one block and dropped.
-            build = {"converted": lambda: verify.on_numpy(Block(new_args, form), fused_flat),
-                     "original": lambda: verify.on_numpy(Block(args, args.removed[i]), orig_flat),
-                     "original_stored": lambda: self._store(args, i, orig_flat)[0]}
             orig_flat = {**layout.layer_to_flat(original, args), **passed} if set(names) & set(ORIGINALS) else None
+            build = {
+                "converted": lambda f=fused_flat: verify.on_numpy(Block(new_args, form), f),
+                "original": lambda f=orig_flat: verify.on_numpy(Block(args, args.removed[i]), f),
+                "original_stored": lambda f=orig_flat: self._store(args, i, f)[0],
+            }
             for name in (n for n in names if n in build):
                 streams.step(name, build[name]())
             del fused_flat, original, orig_flat, build
@@ -292,7 +347,7 @@ class Passes:
             self.conds = conds
         if writer and self.top is None and "original_stored" in names:
             entering[-1] = embedded  # where a plan that changes layer 0 starts
-            self.top = (list(new_args.removed), new_args, writer, entering, shells["converted_stored"])
+            self.top = Reusable(list(new_args.removed), new_args, writer, entering, shells["converted_stored"])
         return list(new_args.removed), new_args, inverted, {n: streams.finish(n, shells[n]) for n in names}
 
     def _store(self, args, i, flat):
@@ -316,18 +371,24 @@ def _shells(ckpt, new_args, first, target, quant, names, products=fusion.Product
     float32). The float64 tensors are freed on return; they are the largest thing held."""
     args, tensors = ckpt.args, ckpt.globals()
     embed, positions, head = fusion.fuse_embeddings(
-        tensors[EMBED], tensors.get(POSITIONS),
-        None if args.tie_word_embeddings else tensors[HEAD].T, first, products=products)
+        tensors[EMBED],
+        tensors.get(POSITIONS),
+        None if args.tie_word_embeddings else tensors[HEAD].T,
+        first,
+        products=products,
+    )
     fused = {k: v for k, v in tensors.items() if is_norm(k)}
     fused[EMBED] = embed
     if positions is not None:
         fused[POSITIONS] = positions
     if not new_args.tie_word_embeddings:
         fused[HEAD] = head.T
-    build = {"converted_stored": lambda: store(shell_module(new_args, fused), target, quant),
-             "converted": lambda: verify.on_numpy(_shell(new_args), fused),
-             "original": lambda: verify.on_numpy(_shell(args), tensors),
-             "original_stored": lambda: store(shell_module(args, tensors), target, quant)}
+    build = {
+        "converted_stored": lambda: store(shell_module(new_args, fused), target, quant),
+        "converted": lambda: verify.on_numpy(_shell(new_args), fused),
+        "original": lambda: verify.on_numpy(_shell(args), tensors),
+        "original_stored": lambda: store(shell_module(args, tensors), target, quant),
+    }
     return {n: build[n]() for n in {"converted_stored", *names}}
 
 
@@ -342,4 +403,3 @@ def _progress(iterable, total, enabled, desc):
 
     # leave=False: a bar cut short by an error is wiped, so the error is the line that stays
     return tqdm(iterable, total=total, desc=desc, unit="layer", leave=False)
-

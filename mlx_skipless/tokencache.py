@@ -82,8 +82,10 @@ def load_streams(name: str) -> Optional[dict]:
 
 def store_streams(name: str, **arrays) -> Path:
     """Save named integer arrays; token ids are kept in 16 bits when they fit."""
-    small = {k: v.astype(np.uint16) if v.dtype.kind in "iu" and v.size and 0 <= v.min() and v.max() < 2**16
-             else v for k, v in arrays.items()}
+    small = {
+        k: v.astype(np.uint16) if v.dtype.kind in "iu" and v.size and 0 <= v.min() and v.max() < 2**16 else v
+        for k, v in arrays.items()
+    }
     path = folder("tokens") / f"{name}.npz"
     _write(path, lambda f: np.savez(f, **small))
     return path

@@ -23,14 +23,26 @@ import mlx.core as mx
 import numpy as np
 
 from . import cli, modeldir, names
-from .checkpoint import OutputDir
 from .models.skipless import Block, ModelArgs
+from .output_dir import OutputDir
 
-GGUF_NAMES = {"attn_q": names.Q, "attn_k": names.K, "attn_v": names.V, "attn_output": names.O,
-              "ffn_gate": names.ffn(names.GATE), "ffn_up": names.ffn(names.UP), "ffn_down": names.ffn(names.DOWN)}
+GGUF_NAMES = {
+    "attn_q": names.Q,
+    "attn_k": names.K,
+    "attn_v": names.V,
+    "attn_output": names.O,
+    "ffn_gate": names.ffn(names.GATE),
+    "ffn_up": names.ffn(names.UP),
+    "ffn_down": names.ffn(names.DOWN),
+}
 # the RMSNorm whose gain each matrix reads (P and the FFN output read no norm)
-NORM_READ_BY = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
-                "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm"}
+NORM_READ_BY = {
+    "attn_q": "attn_norm",
+    "attn_k": "attn_norm",
+    "attn_v": "attn_norm",
+    "ffn_gate": "ffn_norm",
+    "ffn_up": "ffn_norm",
+}
 GGUF_GROUP = 32  # every ggml block format (Q4_0, Q4_1, Q8_0) quantizes groups of 32
 PROBE_SEED = 1  # not the converter's probe (seed 0): calibration and verification stay apart
 
@@ -51,6 +63,7 @@ def check_gguf(path: Path):
         raise ValueError(f"{path} is not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
+
         def take(n):
             if n < 0 or f.tell() + n > size:
                 raise ValueError(f"{path} is not a well-formed GGUF file (it ends inside its header)")
@@ -142,10 +155,18 @@ def from_llama_gguf(path: str, layers: int) -> Tuple[ModelArgs, Dict[str, np.nda
     d = int(_scalar(meta, "llama.embedding_length"))
     heads, kv = int(_scalar(meta, "llama.attention.head_count")), int(_scalar(meta, "llama.attention.head_count_kv"))
     embed = tensors["token_embd.weight"]
-    args = ModelArgs(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-                     num_key_value_heads=kv, intermediate_size=int(_scalar(meta, "llama.feed_forward_length")),
-                     vocab_size=embed.shape[0], rope_theta=_scalar(meta, "llama.rope.freq_base"),
-                     mlp_type="glu", hidden_act="silu", tie_word_embeddings=False)
+    args = ModelArgs(
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=int(_scalar(meta, "llama.feed_forward_length")),
+        vocab_size=embed.shape[0],
+        rope_theta=_scalar(meta, "llama.rope.freq_base"),
+        mlp_type="glu",
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    )
     head = tensors.get("output.weight", embed)
     flat = {names.EMBED: embed, names.HEAD: head * tensors["output_norm.weight"]}
     for i in range(layers):
@@ -172,8 +193,9 @@ def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, 
     for i in range(args.num_hidden_layers):
         prefix = names.block_key(i)
         block = Block(args, "")
-        block.load_weights([(k.removeprefix(prefix), mx.array(v.astype(np.float32)))
-                            for k, v in flat.items() if k.startswith(prefix)])
+        block.load_weights(
+            [(k.removeprefix(prefix), mx.array(v.astype(np.float32))) for k, v in flat.items() if k.startswith(prefix)]
+        )
         a = block.self_attn(h, "causal")
         scales.append(1 / rms(a))
         flat[prefix + names.O + ".weight"] *= scales[-1]
@@ -188,8 +210,11 @@ def rms_calibrate(args: ModelArgs, flat: Dict[str, np.ndarray], batch: int = 4, 
 def write(output: OutputDir, args: ModelArgs, flat: Dict[str, np.ndarray], source: str):
     """The what-if, as every command writes a model: whole or not at all, and over
     an existing directory only as `output` allows."""
-    record = {"source": source, "how": "norm gains folded, norms and residuals dropped, "
-              "each norm replaced by one scalar (RMS 1 on random tokens)"}
+    record = {
+        "source": source,
+        "how": "norm gains folded, norms and residuals dropped, "
+        "each norm replaced by one scalar (RMS 1 on random tokens)",
+    }
     with output, output.stage() as staging:
         modeldir.write_config(staging, args, "whatif", whatif=record)
         modeldir.write_weights(staging, {k: mx.array(v.astype(np.float32)) for k, v in flat.items()})
@@ -211,8 +236,10 @@ def main(o):
     args, flat = from_llama_gguf(o.model, o.layers)
     scales = rms_calibrate(args, flat)
     write(output, args, flat, Path(o.model).name)
-    print(f"[INFO] wrote {o.mlx_path}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
-          f"{min(scales):.3g} to {max(scales):.3g}")
+    print(
+        f"[INFO] wrote {o.mlx_path}: {o.layers} blocks, d={args.hidden_size}, rescaled by "
+        f"{min(scales):.3g} to {max(scales):.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ adds, no norms between blocks): the only form the fusion applies to.
 import argparse
 import contextlib
 import json
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 try:
     import tomllib
@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import cli, counting, fusion
-from .checkpoint import foreign_entries, read_config, written_by_us
+from .hub import read_config
 from .models.skipless import ModelArgs
 
 PACKAGE = Path(__file__).resolve().parent
@@ -69,12 +69,17 @@ def summary(name: str, entry: dict) -> dict:
     total = counting.count(args)["total"]
     base = skipless(args)
     out = {
-        "name": name, "title": entry.get("title", name), "source": entry.get("source"),
-        "config": entry["model"], "parameters": total, "parameters_published": published,
+        "name": name,
+        "title": entry.get("title", name),
+        "source": entry.get("source"),
+        "config": entry["model"],
+        "parameters": total,
+        "parameters_published": published,
         # exact, once what the entry says this model does not count (`uncounted`) is added
         "parameters_match": None if not published else total + entry.get("uncounted", 0) == published,
         "parameters_uncounted": entry.get("uncounted", 0),
-        "skipless": counting.count(base), "reductions": {},
+        "skipless": counting.count(base),
+        "reductions": {},
     }
     if entry.get("note"):
         out["note"] = entry["note"]
@@ -82,11 +87,16 @@ def summary(name: str, entry: dict) -> dict:
         return {**out, "form": form_summary(args), "recipes": recipes_of(name)}
     for remove in fusion.square_projections(base):
         r = counting.compare_plan(base, fusion.default_plan(base, remove))
-        item = {"removed_per_block": [f.upper() for f in fusion.default_plan(base, remove)[0]],
-                "before": r["vanilla"]["total"], "after": r["reduced"]["total"], "removed": r["removed"],
-                "removed_fraction": r["removed_fraction"], "speedup_paper_count": r["speedup_paper"],
-                "speedup_predicted": r["speedup_predicted"],
-                "components_after": r["reduced"]["components"]}
+        item = {
+            "removed_per_block": [f.upper() for f in fusion.default_plan(base, remove)[0]],
+            "before": r["vanilla"]["total"],
+            "after": r["reduced"]["total"],
+            "removed": r["removed"],
+            "removed_fraction": r["removed_fraction"],
+            "speedup_paper_count": r["speedup_paper"],
+            "speedup_predicted": r["speedup_predicted"],
+            "components_after": r["reduced"]["components"],
+        }
         if "claim" in r:
             item["paper_claim_not_exact"] = r["claim"]
         out["reductions"][remove] = item
@@ -105,11 +115,18 @@ def form_summary(args: ModelArgs) -> dict:
     """A form trained reduced, against the same shape with every matrix present."""
     r = counting.compare(replace(args, removed=None), args)
     letters = {letter for form in args.removed for letter in form}
-    return {"removed_per_block": [m.upper() for m in "qkvp" if m in letters],
-            "standard": r["vanilla"]["total"], "weights": r["reduced"]["total"], "removed": r["removed"],
-            "removed_fraction": r["removed_fraction"], "speedup_predicted": r["speedup_predicted"],
-            "per_block": {"standard": counting.block_weights(replace(args, removed=None)),
-                          "form": counting.block_weights(args)}}
+    return {
+        "removed_per_block": [m.upper() for m in "qkvp" if m in letters],
+        "standard": r["vanilla"]["total"],
+        "weights": r["reduced"]["total"],
+        "removed": r["removed"],
+        "removed_fraction": r["removed_fraction"],
+        "speedup_predicted": r["speedup_predicted"],
+        "per_block": {
+            "standard": counting.block_weights(replace(args, removed=None)),
+            "form": counting.block_weights(args),
+        },
+    }
 
 
 def converter_removes(entry: dict, base: ModelArgs):
@@ -130,11 +147,14 @@ def converter_removes(entry: dict, base: ModelArgs):
         forms = planner.ladder(conds, "p" if and_p else "")[0]
         counts = Counter(f.replace("p", "").upper() or "nothing" for f in forms)
         what = ", ".join(f"{m} ({n} layers)" for m, n in counts.items()) if len(counts) > 1 else next(iter(counts))
-        return what + and_p, ("the converter's plan for the packaged weights: per layer the "
-                              "best-conditioned square matrix (--remove auto's first plan)")
+        return what + and_p, (
+            "the converter's plan for the packaged weights: per layer the "
+            "best-conditioned square matrix (--remove auto's first plan)"
+        )
     if len(squares) > 1:
         return ", ".join(m.upper() for m in squares[:-1]) + f" or {squares[-1].upper()}" + and_p, (
-            "equal counts; the converter picks per layer from the weights (--remove auto)")
+            "equal counts; the converter picks per layer from the weights (--remove auto)"
+        )
     return squares[0].upper() + and_p, "the only square projection"
 
 
@@ -143,32 +163,48 @@ def show(name: str) -> str:
     lines = [f"{s['title']}  ({s['source']})", ""]
     lines += [f"  {k} = {v}" for k, v in s["config"].items()]
     uncounted = f", of which {s['parameters_uncounted']:,} not counted here" if s["parameters_uncounted"] else ""
-    match = "" if s["parameters_match"] is None else (
-        f" (published {s['parameters_published']:,}{uncounted}: {'match' if s['parameters_match'] else 'MISMATCH'})")
+    match = (
+        ""
+        if s["parameters_match"] is None
+        else (
+            f" (published {s['parameters_published']:,}{uncounted}: {'match' if s['parameters_match'] else 'MISMATCH'})"
+        )
+    )
     if "form" in s:
         f = s["form"]
-        lines += ["", f"weights: {s['parameters']:,}; the same shape with every matrix: {f['standard']:,}",
-                  f"without {' and '.join(f['removed_per_block'])} in every block: {f['removed']:,} fewer "
-                  f"({100 * f['removed_fraction']:.1f}%; per block {f['per_block']['standard']:,} -> "
-                  f"{f['per_block']['form']:,}), predicted batch-1 speedup {f['speedup_predicted']:.3f}x "
-                  "from weights read per token",
-                  "trained in this form (nothing to fuse): convert stores it in another dtype, verified"]
+        lines += [
+            "",
+            f"weights: {s['parameters']:,}; the same shape with every matrix: {f['standard']:,}",
+            f"without {' and '.join(f['removed_per_block'])} in every block: {f['removed']:,} fewer "
+            f"({100 * f['removed_fraction']:.1f}%; per block {f['per_block']['standard']:,} -> "
+            f"{f['per_block']['form']:,}), predicted batch-1 speedup {f['speedup_predicted']:.3f}x "
+            "from weights read per token",
+            "trained in this form (nothing to fuse): convert stores it in another dtype, verified",
+        ]
         if s["recipes"]:
             lines += ["", "recipes: " + ", ".join(s["recipes"]) + "  (python -m mlx_skipless.zoo run NAME --size tiny)"]
         return "\n".join(lines)
     lines += ["", f"weights: {s['parameters']:,}{match}", "", "skipless what-if, per component:"]
     lines += [f"  {k:<16} {v:>16,}" for k, v in s["skipless"]["components"].items()]
     if not s["reductions"]:
-        lines += ["", "no square Q, K or V: nothing can be removed exactly" + (f" ({s['note']})" if "note" in s else "")]
+        lines += [
+            "",
+            "no square Q, K or V: nothing can be removed exactly" + (f" ({s['note']})" if "note" in s else ""),
+        ]
     for remove, r in s["reductions"].items():
-        lines += ["", f"remove {' and '.join(r['removed_per_block'])} in every block: {r['before']:,} -> "
-                  f"{r['after']:,} ({100 * r['removed_fraction']:.1f}% removed), predicted batch-1 speedup "
-                  f"{r['speedup_predicted']:.3f}x from weights read per token ({r['speedup_paper_count']:.3f}x "
-                  "as the paper counts)"]
+        lines += [
+            "",
+            f"remove {' and '.join(r['removed_per_block'])} in every block: {r['before']:,} -> "
+            f"{r['after']:,} ({100 * r['removed_fraction']:.1f}% removed), predicted batch-1 speedup "
+            f"{r['speedup_predicted']:.3f}x from weights read per token ({r['speedup_paper_count']:.3f}x "
+            "as the paper counts)",
+        ]
         if "paper_claim_not_exact" in r:
             c = r["paper_claim_not_exact"]
-            lines.append(f"  paper's claim (no Q and no P in a parallel block; not exact): "
-                         f"{100 * c['removed_fraction']:.1f}% removed, {c['speedup_paper']:.2f}x")
+            lines.append(
+                f"  paper's claim (no Q and no P in a parallel block; not exact): "
+                f"{100 * c['removed_fraction']:.1f}% removed, {c['speedup_paper']:.2f}x"
+            )
     lines += ["", f"the converter removes: {s['converter_removes']} ({s['converter_removes_basis']})"]
     if "paper" in s:
         lines += ["", f"paper: {s['paper']}"]
@@ -191,21 +227,34 @@ def table_rows():
         s = summary(name, entry)
         if "form" in s:  # trained reduced: its savings against the standard twin
             f = s["form"]
-            rows.append({"name": name, "parameters": f["standard"], "removed_fraction": f["removed_fraction"],
-                         "after": f["weights"], "speedup_predicted": f["speedup_predicted"],
-                         "speedup_paper_count": f["standard"] / f["weights"],
-                         "removed": " and ".join(f["removed_per_block"]) + " (trained without)",
-                         "paper_claim": None, "parallel": entry["model"].get("parallel_block", False)})
+            rows.append(
+                {
+                    "name": name,
+                    "parameters": f["standard"],
+                    "removed_fraction": f["removed_fraction"],
+                    "after": f["weights"],
+                    "speedup_predicted": f["speedup_predicted"],
+                    "speedup_paper_count": f["standard"] / f["weights"],
+                    "removed": " and ".join(f["removed_per_block"]) + " (trained without)",
+                    "paper_claim": None,
+                    "parallel": entry["model"].get("parallel_block", False),
+                }
+            )
             continue
         best = min(s["reductions"].values(), key=lambda r: r["after"], default=None)
-        rows.append({"name": name, "parameters": s["parameters"],
-                     "removed_fraction": best["removed_fraction"] if best else 0.0,
-                     "after": best["after"] if best else s["skipless"]["total"],
-                     "speedup_predicted": best["speedup_predicted"] if best else 1.0,
-                     "speedup_paper_count": best["speedup_paper_count"] if best else 1.0,
-                     "removed": s["converter_removes"],
-                     "paper_claim": best.get("paper_claim_not_exact") if best else None,
-                     "parallel": entry["model"].get("parallel_block", False)})
+        rows.append(
+            {
+                "name": name,
+                "parameters": s["parameters"],
+                "removed_fraction": best["removed_fraction"] if best else 0.0,
+                "after": best["after"] if best else s["skipless"]["total"],
+                "speedup_predicted": best["speedup_predicted"] if best else 1.0,
+                "speedup_paper_count": best["speedup_paper_count"] if best else 1.0,
+                "removed": s["converter_removes"],
+                "paper_claim": best.get("paper_claim_not_exact") if best else None,
+                "parallel": entry["model"].get("parallel_block", False),
+            }
+        )
     return rows
 
 
@@ -217,14 +266,22 @@ def _human(n: float) -> str:
 
 
 def markdown(rows) -> str:
-    lines = ["| model | weights | removed per block | after | removed | speedup (weights read) | "
-             "speedup (paper's count) | paper's parallel claim |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | weights | removed per block | after | removed | speedup (weights read) | "
+        "speedup (paper's count) | paper's parallel claim |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        claim = (f"{100 * r['paper_claim']['removed_fraction']:.1f}%, {r['paper_claim']['speedup_paper']:.2f}x"
-                 if r["paper_claim"] else "")
-        lines.append(f"| {r['name']} | {_human(r['parameters'])} | {r['removed']} | {_human(r['after'])} | "
-                     f"{100 * r['removed_fraction']:.1f}% | {r['speedup_predicted']:.3f}x | "
-                     f"{r['speedup_paper_count']:.3f}x | {claim} |")
+        claim = (
+            f"{100 * r['paper_claim']['removed_fraction']:.1f}%, {r['paper_claim']['speedup_paper']:.2f}x"
+            if r["paper_claim"]
+            else ""
+        )
+        lines.append(
+            f"| {r['name']} | {_human(r['parameters'])} | {r['removed']} | {_human(r['after'])} | "
+            f"{100 * r['removed_fraction']:.1f}% | {r['speedup_predicted']:.3f}x | "
+            f"{r['speedup_paper_count']:.3f}x | {claim} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,15 +289,19 @@ def svg(rows) -> str:
     """A horizontal bar chart of the fraction of weights each model loses."""
     bar, left, width = 22, 150, 420
     top = max(r["removed_fraction"] for r in rows) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" '
-             f'height="{bar * len(rows) + 50}" font-family="sans-serif" font-size="12">',
-             f'<text x="{left}" y="16">weights removed by exact fusion (skipless what-if)</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" '
+        f'height="{bar * len(rows) + 50}" font-family="sans-serif" font-size="12">',
+        f'<text x="{left}" y="16">weights removed by exact fusion (skipless what-if)</text>',
+    ]
     for i, r in enumerate(rows):
         y, w = 28 + i * bar, width * r["removed_fraction"] / top
         color = "#d98b3a" if r["parallel"] else "#3a7bd9"
-        parts += [f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{r["name"]}</text>',
-                  f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 6}" fill="{color}"/>',
-                  f'<text x="{left + w + 4:.1f}" y="{y + 14}">{100 * r["removed_fraction"]:.1f}%</text>']
+        parts += [
+            f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{r["name"]}</text>',
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 6}" fill="{color}"/>',
+            f'<text x="{left + w + 4:.1f}" y="{y + 14}">{100 * r["removed_fraction"]:.1f}%</text>',
+        ]
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -248,144 +309,117 @@ def svg(rows) -> str:
 # -- recipes ---------------------------------------------------------------------------------
 
 
-def _flags(options: dict):
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif isinstance(value, list):
-            out += [flag, *map(str, value)]
-        elif value is not False and value is not None:
-            out += [flag, str(value)]
-    return out
-
-
-def sized(name: str, size: str):
+def sized(name: str, size: str, data: Optional[dict] = None, options: Optional[dict] = None):
     """(model config, [(step, options)]) of a recipe at one of its sizes: the size's
-    settings over the recipe's, over the zoo model's."""
+    settings over the recipe's, over the zoo model's; then `options` ({step: options}) over
+    those, and each data name `data` maps ({name: path}, e.g. "corpus") bound to its path."""
     recipe = lookup(recipes(), name, "recipe")
     sizes = recipe.get("sizes", {})
     if size not in sizes:
         raise KeyError(f"recipe {name!r} has sizes {', '.join(sizes)}, not {size!r}")
     chosen = sizes[size]
-    model = {**lookup(models(), recipe["model"], "model")["model"], **recipe.get("model_overrides", {}),
-             **chosen.get("model", {})}
-    return model, [(s["step"], {**s.get("args", {}), **chosen.get(s["step"], {})}) for s in recipe["steps"]]
+    model = {
+        **lookup(models(), recipe["model"], "model")["model"],
+        **recipe.get("model_overrides", {}),
+        **chosen.get("model", {}),
+    }
+    return model, _over(
+        [(s["step"], {**s.get("args", {}), **chosen.get(s["step"], {})}) for s in recipe["steps"]], data, options
+    )
 
 
-RUN_MARK = "zoo-run.json"  # a zoo run's own mark, and the model config its train step reads
+def _over(steps, data: Optional[dict], options: Optional[dict]):
+    steps = [(kind, {**o, **(options or {}).get(kind, {})}) for kind, o in steps]
+    for _, step in steps:
+        if "data" in step and data:
+            step["data"] = [str(data[d]) if d in data else d for d in step["data"]]
+    return steps
 
 
-def claim_run(out: Path, kinds, force: bool, resume: bool) -> bool:
-    """Check that `out` may hold this run: absent, empty, or an earlier zoo run of which every
-    entry is the mark or a step's model directory this tool wrote and nobody added to. With
-    `force`, remove those models (True); an earlier run without `force` or `resume` is refused."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise cli.CommandError(f"{out} exists and is not a directory: choose another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if not entries:
-        return False
-    try:
-        mark = json.loads((out / RUN_MARK).read_text()) if (out / RUN_MARK).is_file() else None
-    except (OSError, ValueError):
-        mark = None
-    if not isinstance(mark, dict) or mark.get("writer") != "mlx-skipless zoo":
-        raise cli.CommandError(f"{out} is not empty and holds no zoo run (no {RUN_MARK} of ours): "
-                               "choose another --out")
-    ours = {RUN_MARK, *kinds}
-    foreign = [e for e in entries if e not in ours] + [
-        f"{k}/{f}" for k in kinds if (out / k).exists()
-        for f in (["(not written by mlx-skipless)"] if not written_by_us(out / k) else foreign_entries(out / k))]
-    if foreign:
-        raise cli.CommandError(f"{out} holds what no zoo run wrote ({', '.join(foreign[:5])}): move it or "
-                               "choose another --out")
-    if force:
-        for k in kinds:
-            if (out / k).exists():
-                shutil.rmtree(out / k)
-        return True
-    if not resume:
-        raise cli.CommandError(f"{out} holds an earlier run: pass --resume to continue its training "
-                               "(and redo the later steps) or --force to start over")
-    return False
-
-
-def run(name: str, size: str, out: Path, log=print, force: bool = False, resume: bool = False) -> dict:
+def run(
+    name: str,
+    size: str,
+    out: Path,
+    log=print,
+    force: bool = False,
+    resume: bool = False,
+    *,
+    data: Optional[dict] = None,
+    options: Optional[dict] = None,
+    dirs: Optional[dict] = None,
+    keep: bool = False,
+) -> dict:
     """Run a recipe's steps in order, each output feeding the next; returns the paths.
     An existing work directory is refused unless `force` (start over) or `resume`
-    (continue its training, redo the later steps)."""
-    from . import convert, generate, normfree, train
+    (continue its training, redo the later steps). For a caller that owns `out` and builds
+    on it: `data` and `options` as `sized` takes them, `dirs` ({step: directory in out}
+    where not the step's name), and `keep`: finished steps are kept (recipe.run)."""
+    from . import recipe as runner
 
     model, steps = sized(name, size)
-    if claim_run(out, [kind for kind, _ in steps], force, resume):
-        log(f"[zoo] --force: removing the earlier run's models in {out}")
-    resume = resume and (out / "train").exists()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARK).write_text(json.dumps({"writer": "mlx-skipless zoo", "recipe": name, "size": size,
-                                            "model": model}, indent=2))
-    paths, source, latest = {}, None, None  # source: the newest unconverted checkpoint
-    for kind, options in steps:
-        target = out / kind
-        log(f"[zoo] {name} ({size}): {kind}")
-        if kind == "train":
-            step, argv = train, ["--config", str(out / RUN_MARK), "--mlx-path", str(target)] + (
-                ["--resume"] if resume else [])
-        elif kind == "normfree":
-            step, argv = normfree, ["--model", str(source), "--mlx-path", str(target), "--force"]
-        elif kind in ("convert", "quantize"):
-            step, argv = convert, ["--hf-path", str(source), "--mlx-path", str(target), "--force"] + (
-                ["-q"] if kind == "quantize" else [])
-        elif kind == "generate":
-            step, argv = generate, ["--model", str(latest)]
-        else:
-            raise KeyError(f"recipe {name!r}: unknown step {kind!r}")
-        try:  # the step's error, said once, with the step it stopped
-            code = step.main.nested(argv + _flags(options))
-        except BrokenPipeError:  # `| head`: the outer command ends quietly
-            raise
-        except Exception as e:  # noqa: BLE001 -- reported as the step's own error would be
-            stopped = cli.CommandError(f"recipe {name!r} stopped at {kind!r}: {cli.message(e)}")
-            stopped.exit_code = getattr(e, "exit_code", 1)
-            raise stopped from e
-        if code:
-            raise cli.CommandError(f"recipe {name!r} stopped at {kind!r} (exit status {code})")
-        if kind in ("train", "normfree"):
-            source = target
-        if kind != "generate":
-            paths[kind] = latest = target
-    return paths
+    return runner.run(name, size, model, _over(steps, data, options), Path(out), log, force, resume, dirs, keep)
+
+
+def commands(
+    name: str,
+    size: str,
+    out: Path,
+    *,
+    data: Optional[dict] = None,
+    options: Optional[dict] = None,
+    dirs: Optional[dict] = None,
+) -> list:
+    """The commands `run` runs with the same arguments ([recipe.Step]), without running them."""
+    from . import recipe as runner
+
+    return runner.plan(name, sized(name, size, data, options)[1], Path(out), dirs)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mlx-skipless zoo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list").add_argument("--json", action="store_true")
-    s = sub.add_parser("show")
+    p = argparse.ArgumentParser(
+        prog="mlx-skipless zoo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = p.add_subparsers(dest="command", required=True, help="what to do (each has its own --help)")
+    sub.add_parser("list", help="the models and recipes").add_argument(
+        "--json", action="store_true", help="print them as JSON"
+    )
+    s = sub.add_parser("show", help="a model's config, weights before and after fusion, savings, recipes")
     s.add_argument("name", help="a zoo model, or the directory of a converted model")
-    s.add_argument("--json", action="store_true")
-    t = sub.add_parser("table")
-    t.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    t = sub.add_parser("table", help="every model side by side")
+    t.add_argument("--json", action="store_true", help="print the rows as JSON")
     t.add_argument("--out", help="also write zoo-table.md and zoo-savings.svg into this directory")
-    r = sub.add_parser("run")
-    r.add_argument("recipe")
-    r.add_argument("--size", default="tiny")
+    r = sub.add_parser("run", help="run a recipe's steps in a work directory")
+    r.add_argument("recipe", help="a recipe that `zoo list` names")
+    sizes = ", ".join(dict.fromkeys(size for recipe in recipes().values() for size in recipe.get("sizes", {})))
+    r.add_argument(
+        "--size",
+        default="tiny",
+        help=f"the recipe's size, one of those it has ({sizes}); tiny runs in minutes on a laptop "
+        "CPU (default %(default)s)",
+    )
     r.add_argument("--out", help="work directory (default: zoo-runs/RECIPE-SIZE)")
-    r.add_argument("--json", action="store_true",
-                   help="print only the output paths on stdout, as JSON (the log goes to stderr)")
+    r.add_argument(
+        "--json", action="store_true", help="print only the output paths on stdout, as JSON (the log goes to stderr)"
+    )
     again = r.add_mutually_exclusive_group()
     again.add_argument("--force", action="store_true", help="start over: remove an earlier run in --out")
-    again.add_argument("--resume", action="store_true",
-                       help="continue an earlier run's training in --out, then redo the later steps")
+    again.add_argument(
+        "--resume", action="store_true", help="continue an earlier run's training in --out, then redo the later steps"
+    )
     return p
 
 
 @cli.command(build_parser)
 def main(o):
     if o.command == "list":
-        items = {"models": {n: e.get("title", n) for n, e in models().items()},
-                 "recipes": {n: r.get("summary", "") for n, r in recipes().items()}}
+        items = {
+            "models": {n: e.get("title", n) for n, e in models().items()},
+            "recipes": {n: r.get("summary", "") for n, r in recipes().items()},
+        }
         if o.json:
             print(json.dumps(items, indent=2))
         else:

@@ -1,7 +1,7 @@
 """Conversion cost: wall time and peak memory of converting generated checkpoints.
 
 Writes skipless Llama-layout checkpoints (bfloat16, one safetensors shard per
-block, scripts/make_checkpoint.py) that share one block shape and differ only in
+block, mlx_skipless.synthetic) that share one block shape and differ only in
 depth, converts each in a fresh process, and prints wall time and peak RSS beside
 the sizes that should bound it: if the converter streams, peak memory follows the
 largest block and the embeddings, not the model. In the same run it measures what
@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from make_checkpoint import PRESETS, preset_args, write_checkpoint  # noqa: E402
-
-from mlx_skipless import counting  # noqa: E402
-from mlx_skipless.verify import PROBE_TOKENS  # noqa: E402
+from mlx_skipless import counting
+from mlx_skipless.synthetic import PRESETS, preset_args, write_checkpoint
+from mlx_skipless.verify import PROBE_TOKENS
 
 VERIFIED_MODELS = 4  # original and converted, each in float32 and as stored
 
@@ -109,20 +107,28 @@ def measure(preset: str, layers: int, verify: bool, remove: str, mlx_lm: bool, w
         shutil.rmtree(std), shutil.rmtree(std_out)
     comp = counts["components"]
     block = (counts["total"] - comp["embed_tokens"] - comp.get("lm_head", 0) - comp.get("norms", 0)) // layers
-    return {"layers": layers, "parameters": counts["total"], "block_parameters": block,
-            "embedding_parameters": comp["embed_tokens"] + comp.get("lm_head", 0),
-            "model_bytes_float32": 4 * counts["total"], **row}
+    return {
+        "layers": layers,
+        "parameters": counts["total"],
+        "block_parameters": block,
+        "embedding_parameters": comp["embed_tokens"] + comp.get("lm_head", 0),
+        "model_bytes_float32": 4 * counts["total"],
+        **row,
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="tinyllama", help="the block shape")
-    p.add_argument("--layers", type=int, nargs="+",
-                   help="depths to convert (default: 2 6 for mistral-7b, else 2 8 20)")
+    p.add_argument("--layers", type=int, nargs="+", help="depths to convert (default: 2 6 for mistral-7b, else 2 8 20)")
     p.add_argument("--remove", default="auto", choices=["auto", "q", "k", "v"])
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--mlx-lm", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time mlx_lm convert of a stock llama of each shape")
+    p.add_argument(
+        "--mlx-lm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time mlx_lm convert of a stock llama of each shape",
+    )
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary directory)")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args()
@@ -140,14 +146,21 @@ def main():
             rows.append(measure(opts.preset, n, opts.verify, opts.remove, opts.mlx_lm, Path(work), drawn))
             if not opts.json:
                 r, gb = rows[-1], 1e9
-                lm = (f"; mlx_lm convert {r['mlx_lm']['wall_s']:.1f} s, {r['mlx_lm']['peak_rss_bytes'] / gb:.2f} GB"
-                      if "mlx_lm" in r else "")
-                print(f"{r['parameters'] / 1e9:5.2f}B params ({n:3d} layers, {r['model_bytes_float32'] / gb:5.2f} GB "
-                      f"in float32): {r['wall_s']:7.1f} s ({r['cpu_s']:.1f} CPU s), peak RSS {r['peak_rss_bytes'] / gb:5.2f} GB "
-                      f"= imports {baseline['peak_rss_bytes'] / gb:.2f} + "
-                      f"{(r['peak_rss_bytes'] - baseline['peak_rss_bytes']) / gb:.2f} GB; one block "
-                      f"{4 * r['block_parameters'] / gb:.2f} GB, embeddings {4 * r['embedding_parameters'] / gb:.2f} GB "
-                      f"(float32){lm}", flush=True)
+                lm = (
+                    f"; mlx_lm convert {r['mlx_lm']['wall_s']:.1f} s, {r['mlx_lm']['peak_rss_bytes'] / gb:.2f} GB"
+                    if "mlx_lm" in r
+                    else ""
+                )
+                print(
+                    f"{r['parameters'] / 1e9:5.2f}B params ({n:3d} layers, {r['model_bytes_float32'] / gb:5.2f} GB "
+                    f"in float32): {r['wall_s']:7.1f} s ({r['cpu_s']:.1f} CPU s), "
+                    f"peak RSS {r['peak_rss_bytes'] / gb:5.2f} GB "
+                    f"= imports {baseline['peak_rss_bytes'] / gb:.2f} + "
+                    f"{(r['peak_rss_bytes'] - baseline['peak_rss_bytes']) / gb:.2f} GB; one block "
+                    f"{4 * r['block_parameters'] / gb:.2f} GB, embeddings {4 * r['embedding_parameters'] / gb:.2f} GB "
+                    f"(float32){lm}",
+                    flush=True,
+                )
     rates.append(gemm_rate(d, f))  # before and after: the machine may be shared
     rate, cpu_rate = (float(np.mean(r)) for r in zip(*rates))
     floor, cpu_floor = 3 * 2 * d * d * f / rate, 3 * 2 * d * d * f / cpu_rate
@@ -157,10 +170,18 @@ def main():
     kv = 2 * a.num_key_value_heads * a.head_dim
     solve_s = (2 / 3 * d**3 + 2 * d * d * kv) / rate64
     verify_s = VERIFIED_MODELS * 2 * PROBE_TOKENS * rows[0]["block_parameters"] / rate if opts.verify else 0.0
-    summary = {"preset": opts.preset, "remove": opts.remove, "verify": opts.verify,
-               "gemm_float32_flops": [r[0] for r in rates], "gemm_float32_flops_per_cpu_s": [r[1] for r in rates],
-               "floor_s_per_layer": floor, "floor_cpu_s_per_layer": cpu_floor, "gemm_float64_flops": rate64,
-               "float64_solve_s_per_layer": solve_s, "verification_s_per_layer": verify_s}
+    summary = {
+        "preset": opts.preset,
+        "remove": opts.remove,
+        "verify": opts.verify,
+        "gemm_float32_flops": [r[0] for r in rates],
+        "gemm_float32_flops_per_cpu_s": [r[1] for r in rates],
+        "floor_s_per_layer": floor,
+        "floor_cpu_s_per_layer": cpu_floor,
+        "gemm_float64_flops": rate64,
+        "float64_solve_s_per_layer": solve_s,
+        "verification_s_per_layer": verify_s,
+    }
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         summary["slope_s_per_layer"] = (hi["wall_s"] - lo["wall_s"]) / (hi["layers"] - lo["layers"])
@@ -168,8 +189,9 @@ def main():
         summary["slope_cpu_s_per_layer"] = (hi["cpu_s"] - lo["cpu_s"]) / (hi["layers"] - lo["layers"])
         summary["cpu_slope_over_floor"] = summary["slope_cpu_s_per_layer"] / cpu_floor
         if "mlx_lm" in lo:
-            summary["mlx_lm_slope_s_per_layer"] = ((hi["mlx_lm"]["wall_s"] - lo["mlx_lm"]["wall_s"])
-                                                   / (hi["layers"] - lo["layers"]))
+            summary["mlx_lm_slope_s_per_layer"] = (hi["mlx_lm"]["wall_s"] - lo["mlx_lm"]["wall_s"]) / (
+                hi["layers"] - lo["layers"]
+            )
             # The floor as the issue of record defines it: the products plus the reading and
             # writing that mlx_lm convert also does.
             summary["floor_with_io_s_per_layer"] = floor + max(summary["mlx_lm_slope_s_per_layer"], 0.0)
@@ -177,19 +199,32 @@ def main():
     if opts.json:
         print(json.dumps({"baseline_rss_bytes": baseline["peak_rss_bytes"], **summary, "runs": rows}, indent=2))
         return
-    print(f"GEMM floor: 3·2·d²·f = {6 * d * d * f / 1e12:.2f} TFLOP a layer at numpy float32 "
-          f"{rate / 1e9:.1f} GFLOP/s (measured {', '.join(f'{r[0] / 1e9:.1f}' for r in rates)}) = {floor:.1f} s "
-          f"a layer; {cpu_rate / 1e9:.1f} GFLOP per CPU second = {cpu_floor:.1f} CPU s a layer")
+    print(
+        f"GEMM floor: 3·2·d²·f = {6 * d * d * f / 1e12:.2f} TFLOP a layer at numpy float32 "
+        f"{rate / 1e9:.1f} GFLOP/s (measured {', '.join(f'{r[0] / 1e9:.1f}' for r in rates)}) = {floor:.1f} s "
+        f"a layer; {cpu_rate / 1e9:.1f} GFLOP per CPU second = {cpu_floor:.1f} CPU s a layer"
+    )
     if "slope_s_per_layer" in summary:
-        print(f"per-layer slope: {summary['slope_s_per_layer']:.1f} s = {summary['slope_over_floor']:.2f}x the floor"
-              f" ({summary['slope_cpu_s_per_layer']:.1f} CPU s = {summary['cpu_slope_over_floor']:.2f}x in CPU time)"
-              + (f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s, and with it added to the "
-                 f"floor {summary['slope_over_floor_with_io']:.2f}x" if "mlx_lm_slope_s_per_layer" in summary else ""))
-    print(f"also computed a layer, at the least: Q's float64 factorization and K, V's solve (2/3·d³ + 2·d²·{kv} "
-          f"FLOP at numpy float64 {rate64 / 1e9:.1f} GFLOP/s) {solve_s:.1f} s"
-          + (f", the probe ({PROBE_TOKENS} tokens) through {VERIFIED_MODELS} models' blocks {verify_s:.1f} s"
-             if opts.verify else "")
-          + f": floor and these alone {(floor + solve_s + verify_s) / floor:.2f}x the floor")
+        print(
+            f"per-layer slope: {summary['slope_s_per_layer']:.1f} s = {summary['slope_over_floor']:.2f}x the floor"
+            f" ({summary['slope_cpu_s_per_layer']:.1f} CPU s = {summary['cpu_slope_over_floor']:.2f}x in CPU time)"
+            + (
+                f"; mlx_lm convert's slope {summary['mlx_lm_slope_s_per_layer']:.1f} s, and with it added to the "
+                f"floor {summary['slope_over_floor_with_io']:.2f}x"
+                if "mlx_lm_slope_s_per_layer" in summary
+                else ""
+            )
+        )
+    print(
+        f"also computed a layer, at the least: Q's float64 factorization and K, V's solve (2/3·d³ + 2·d²·{kv} "
+        f"FLOP at numpy float64 {rate64 / 1e9:.1f} GFLOP/s) {solve_s:.1f} s"
+        + (
+            f", the probe ({PROBE_TOKENS} tokens) through {VERIFIED_MODELS} models' blocks {verify_s:.1f} s"
+            if opts.verify
+            else ""
+        )
+        + f": floor and these alone {(floor + solve_s + verify_s) / floor:.2f}x the floor"
+    )
 
 
 if __name__ == "__main__":

@@ -16,31 +16,56 @@ vanilla over reduced.
 
 import argparse
 import json
-import os
-import platform
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_skipless import fusion
 from mlx_skipless.models.skipless import Model, ModelArgs
+from mlx_skipless.pricing import describe_machine, time_decode, weight_bytes
 
 PRESETS = {
-    "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),  # a smoke test, not a measurement
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),  # a smoke test, not a measurement
     # runs on a laptop CPU; interleaved decode steps of this shape reach the predicted byte ratio
-    "small": dict(hidden_size=2048, num_hidden_layers=8, intermediate_size=5632, num_attention_heads=16,
-                  num_key_value_heads=4, vocab_size=32000),
-    "mistral-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "pythia-6.9b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=16384,
-                        num_attention_heads=32, vocab_size=50432, parallel_block=True, mlp_type="mlp",
-                        hidden_act="gelu", partial_rotary_factor=0.25, attention_bias=True, mlp_bias=True),
+    "small": dict(
+        hidden_size=2048,
+        num_hidden_layers=8,
+        intermediate_size=5632,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "mistral-7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "pythia-6.9b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=16384,
+        num_attention_heads=32,
+        vocab_size=50432,
+        parallel_block=True,
+        mlp_type="mlp",
+        hidden_act="gelu",
+        partial_rotary_factor=0.25,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
 }
 
 
@@ -57,15 +82,19 @@ def load(model, dtype):
 
 
 def mlx_lm_llama(args: ModelArgs):
-    return llama.Model(llama.ModelArgs(
-        model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-        intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads, rms_norm_eps=1e-5, vocab_size=args.vocab_size,
-        tie_word_embeddings=False))
-
-
-def weight_bytes(module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    return llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers,
+            intermediate_size=args.intermediate_size,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads,
+            rms_norm_eps=1e-5,
+            vocab_size=args.vocab_size,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def bytes_read_per_token(model) -> int:
@@ -73,28 +102,6 @@ def bytes_read_per_token(model) -> int:
     embed = model.model.embed_tokens
     table = weight_bytes(embed)
     return weight_bytes(model) - table + table // embed.weight.shape[0]
-
-
-def measure(models: dict, prompt: int, steps: int, warmup: int, vocab: int = 1000) -> dict:
-    names = list(models)
-    caches = {n: make_prompt_cache(m) for n, m in models.items()}
-    tokens = mx.array(np.random.default_rng(1).integers(0, vocab, (1, prompt)))
-    prefill = {}
-    for n in names:
-        mx.reset_peak_memory()
-        t = time.perf_counter()
-        mx.eval(models[n](tokens, cache=caches[n]))
-        prefill[n] = prompt / (time.perf_counter() - t)
-    times = {n: [] for n in names}
-    token = mx.array([[1]])
-    for step in range(warmup + steps):
-        order = names if step % 2 == 0 else names[::-1]
-        for n in order:
-            t = time.perf_counter()
-            mx.eval(models[n](token, cache=caches[n]))
-            if step >= warmup:
-                times[n].append(time.perf_counter() - t)
-    return {"prefill_tokens_per_s": prefill, "step_times": times}
 
 
 def peak_memory(model, prompt: int, decode: int = 4) -> int:
@@ -112,8 +119,7 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
     makers = {"vanilla": lambda: Model(args), "reduced": lambda: Model(reduced_args)}
     if not args.parallel_block and args.mlp_type == "glu":  # mlx-lm's llama has that shape
         makers["mlx_lm_llama"] = lambda: mlx_lm_llama(args)
-    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "weight_bytes": {},
-              "peak_memory_bytes": {}}
+    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": {}, "weight_bytes": {}, "peak_memory_bytes": {}}
     models = {}
     for n, make in makers.items():
         # Each model's own peak while it generates: the MLX memory it adds (weights, cache,
@@ -129,11 +135,13 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
         result["peak_memory_bytes"][n] = peak_memory(models[n], prompt) - base
         result["bytes_read_per_token"][n] = bytes_read_per_token(models[n])
         result["weight_bytes"][n] = weight_bytes(models[n])
-    timing = measure(models, prompt, steps, warmup)
+    timing = time_decode(models, prompt, steps, warmup)
     result["prefill_tokens_per_s"] = timing["prefill_tokens_per_s"]
     t = {n: np.array(v) for n, v in timing["step_times"].items()}
-    result["decode_tokens_per_s"] = {n: {"median": float(np.median(1 / v)), "min": float((1 / v).min()),
-                                         "max": float((1 / v).max())} for n, v in t.items()}
+    result["decode_tokens_per_s"] = {
+        n: {"median": float(np.median(1 / v)), "min": float((1 / v).min()), "max": float((1 / v).max())}
+        for n, v in t.items()
+    }
     b = result["bytes_read_per_token"]
     result["predicted_speedup"] = b["vanilla"] / b["reduced"]
     result["measured_speedup"] = float(np.median(t["vanilla"] / t["reduced"]))
@@ -144,28 +152,28 @@ def run(preset: str, dtype: str, prompt: int, steps: int, warmup: int) -> dict:
     return result
 
 
-def describe_machine() -> str:
-    """The machine, as every table names it beside its figures (with OpenBLAS, when preloaded)."""
-    blas = ", OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else ""
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} ({mx.default_device()}){blas}"
-
-
 def markdown(results, machine: str) -> str:
-    lines = [f"Measured on {machine} with `python scripts/bench_decode.py`; decode tok/s are medians of the "
-             "interleaved steps, speedups medians of per-step time ratios.", "",
-             "| preset | dtype | steps (warm-up), prompt | vanilla tok/s | reduced tok/s | mlx-lm llama tok/s | "
-             "predicted | measured | vanilla / mlx-lm time | prompt tok/s v / r / llama | "
-             "peak memory vanilla -> reduced | peak drop / weights removed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured on {machine} with `python scripts/bench_decode.py`; decode tok/s are medians of the "
+        "interleaved steps, speedups medians of per-step time ratios.",
+        "",
+        "| preset | dtype | steps (warm-up), prompt | vanilla tok/s | reduced tok/s | mlx-lm llama tok/s | "
+        "predicted | measured | vanilla / mlx-lm time | prompt tok/s v / r / llama | "
+        "peak memory vanilla -> reduced | peak drop / weights removed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         d, pre, pm, wb = r["decode_tokens_per_s"], r["prefill_tokens_per_s"], r["peak_memory_bytes"], r["weight_bytes"]
         llama_ = f"{d['mlx_lm_llama']['median']:.2f}" if "mlx_lm_llama" in d else "n/a"
         ratio = f"{r['vanilla_over_mlx_lm_time']:.3f}" if "vanilla_over_mlx_lm_time" in r else "n/a"
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['steps']} ({r['warmup']}), {r['prompt']} | "
-                     f"{d['vanilla']['median']:.2f} | {d['reduced']['median']:.2f} | {llama_} | "
-                     f"{r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | {ratio} | "
-                     f"{' / '.join(f'{v:.1f}' for v in pre.values())} | "
-                     f"{pm['vanilla'] / 1e9:.2f} -> {pm['reduced'] / 1e9:.2f} GB | "
-                     f"{(pm['vanilla'] - pm['reduced']) / 1e6:.0f} / {(wb['vanilla'] - wb['reduced']) / 1e6:.0f} MB |")
+        lines.append(
+            f"| {r['preset']} | {r['dtype']} | {r['steps']} ({r['warmup']}), {r['prompt']} | "
+            f"{d['vanilla']['median']:.2f} | {d['reduced']['median']:.2f} | {llama_} | "
+            f"{r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | {ratio} | "
+            f"{' / '.join(f'{v:.1f}' for v in pre.values())} | "
+            f"{pm['vanilla'] / 1e9:.2f} -> {pm['reduced'] / 1e9:.2f} GB | "
+            f"{(pm['vanilla'] - pm['reduced']) / 1e6:.0f} / {(wb['vanilla'] - wb['reduced']) / 1e6:.0f} MB |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -186,8 +194,11 @@ def plot(results, machine: str, path: str):
         bars = ax.bar(range(len(names)), med, yerr=err, capsize=3, color=["C0", "C1", "C2"][: len(names)])
         ax.set_xticks([])
         ax.set_ylim(0, 1.25 * max(x["max"] for x in d))
-        ax.set_title(f"{r['preset']}, {r['dtype']}\npredicted {r['predicted_speedup']:.3f}x, "
-                     f"measured {r['measured_speedup']:.3f}x", fontsize=9)
+        ax.set_title(
+            f"{r['preset']}, {r['dtype']}\npredicted {r['predicted_speedup']:.3f}x, "
+            f"measured {r['measured_speedup']:.3f}x",
+            fontsize=9,
+        )
     axes[0][0].set_ylabel("batch-1 decode tokens/s\n(median, min-max)")
     fig.legend(bars, [labels[n] for n in names], loc="lower center", ncol=len(names), fontsize=8)
     fig.suptitle(machine, fontsize=8)
@@ -198,17 +209,27 @@ def plot(results, machine: str, path: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="small")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                   choices=["float32", "bfloat16", "float16", "4bit", "8bit"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16", "4bit", "8bit"],
+    )
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens processed before decoding")
     p.add_argument("--steps", type=int, default=160, help="interleaved decode steps measured")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", help="also write the results as JSON to this file")
-    p.add_argument("--load", nargs="+", help="render --markdown / --plot from files --save wrote, measuring "
-                   "nothing; several files are shown side by side (e.g. a slow dtype run with fewer --steps)")
+    p.add_argument(
+        "--load",
+        nargs="+",
+        help="render --markdown / --plot from files --save wrote, measuring "
+        "nothing; several files are shown side by side (e.g. a slow dtype run with fewer --steps)",
+    )
     p.add_argument("--markdown", help="also write the table to this file")
-    p.add_argument("--plot", help="also draw the figure to this image file (needs matplotlib: pip install -e '.[plot]')")
+    p.add_argument(
+        "--plot", help="also draw the figure to this image file (needs matplotlib: pip install -e '.[plot]')"
+    )
     o = p.parse_args()
     if o.load:
         saved = [json.loads(open(f).read()) for f in o.load]
@@ -223,9 +244,12 @@ def main():
             results.append(run(o.preset, dtype, o.prompt, o.steps, o.warmup))
             if not o.json:
                 r = results[-1]
-                print(f"{o.preset} {dtype}: predicted {r['predicted_speedup']:.3f}x, measured "
-                      f"{r['measured_speedup']:.3f}x; " + ", ".join(
-                          f"{n} {v['median']:.2f} tok/s" for n, v in r["decode_tokens_per_s"].items()), flush=True)
+                print(
+                    f"{o.preset} {dtype}: predicted {r['predicted_speedup']:.3f}x, measured "
+                    f"{r['measured_speedup']:.3f}x; "
+                    + ", ".join(f"{n} {v['median']:.2f} tok/s" for n, v in r["decode_tokens_per_s"].items()),
+                    flush=True,
+                )
     if o.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
     else:

@@ -35,9 +35,12 @@ def main():
         _, cond = timed(lambda: fusion.condition_number(Q, lu))
         inverse, invert = timed(lambda: np.linalg.inv(Q))
         _, product = timed(lambda: (inverse @ K.astype(np.float64), inverse @ V.astype(np.float64)))
-        print(f"LU: factor {factor:.2f} s, solve K and V {solve:.2f} s, condition number {cond:.2f} s, "
-              f"together {factor + solve + cond:.2f} s | before: inverse {invert:.2f} s, "
-              f"K and V times it {product:.2f} s, together {invert + product:.2f} s", flush=True)
+        print(
+            f"LU: factor {factor:.2f} s, solve K and V {solve:.2f} s, condition number {cond:.2f} s, "
+            f"together {factor + solve + cond:.2f} s | before: inverse {invert:.2f} s, "
+            f"K and V times it {product:.2f} s, together {invert + product:.2f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,21 @@ def run(src: Path, out: Path, convert_args, every: float, log: Path) -> dict:
         raise SystemExit(f"convert failed ({child.returncode}); see {log}:\n{log.read_text()[-3000:]}")
     peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     tenths = [max((r for t, r in samples if k - 1 <= 10 * t / wall < k), default=None) for k in range(1, 11)]
-    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_bytes": peak, "rss_by_tenth_bytes": tenths,
-            "samples": len(samples), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "input_bytes": disk_bytes(src), "output_bytes": disk_bytes(out)}
+    return {
+        "command": " ".join(cmd),
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+        "rss_by_tenth_bytes": tenths,
+        "samples": len(samples),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "input_bytes": disk_bytes(src),
+        "output_bytes": disk_bytes(out),
+    }
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ours, convert_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, convert_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="the checkpoint (e.g. from make_checkpoint.py --preset over-ram)")
     p.add_argument("out", type=Path, help="output directory (must not exist)")
@@ -73,12 +80,14 @@ def main(argv=None):
     if opts.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['command']}\n"
-          f"input {r['input_bytes'] / GB:.2f} GB ({r['input_bytes'] / 2**30:.2f} GiB), output "
-          f"{r['output_bytes'] / GB:.2f} GB, RAM {r['ram_bytes'] / 2**30:.2f} GiB\n"
-          f"wall {r['wall_s']:.0f} s, peak RSS {r['peak_rss_bytes'] / GB:.2f} GB (wait4 ru_maxrss)\n"
-          "largest sampled RSS in each tenth of the run (GB): "
-          + " ".join("-" if x is None else f"{x / GB:.2f}" for x in r["rss_by_tenth_bytes"]))
+    print(
+        f"{r['command']}\n"
+        f"input {r['input_bytes'] / GB:.2f} GB ({r['input_bytes'] / 2**30:.2f} GiB), output "
+        f"{r['output_bytes'] / GB:.2f} GB, RAM {r['ram_bytes'] / 2**30:.2f} GiB\n"
+        f"wall {r['wall_s']:.0f} s, peak RSS {r['peak_rss_bytes'] / GB:.2f} GB (wait4 ru_maxrss)\n"
+        "largest sampled RSS in each tenth of the run (GB): "
+        + " ".join("-" if x is None else f"{x / GB:.2f}" for x in r["rss_by_tenth_bytes"])
+    )
     return 0
 
 

@@ -18,13 +18,21 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_skipless import synthetic
-from mlx_skipless.checkpoint import TensorSource
 from mlx_skipless.models.skipless import ModelArgs
+from mlx_skipless.safetensors_reader import TensorSource
 
 
 def write(path: Path, layers: int):
-    args = ModelArgs(hidden_size=32, num_hidden_layers=layers, intermediate_size=48, num_attention_heads=4,
-                     vocab_size=64, mlp_type="glu", hidden_act="silu", final_norm="rmsnorm")
+    args = ModelArgs(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        intermediate_size=48,
+        num_attention_heads=4,
+        vocab_size=64,
+        mlp_type="glu",
+        hidden_act="silu",
+        final_norm="rmsnorm",
+    )
     path.mkdir(parents=True, exist_ok=True)
     flat = synthetic.random_flat(args)
     mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v).astype(mx.float32) for k, v in flat.items()})
@@ -46,8 +54,10 @@ def main(argv=None):
             source.numpy(key)
         done = time.perf_counter()
     n = len(source.shapes)
-    print(f"{n} tensors in one file: open {opened - start:.3f} s, read all {done - opened:.2f} s "
-          f"({1000 * (done - opened) / n:.2f} ms per tensor)")
+    print(
+        f"{n} tensors in one file: open {opened - start:.3f} s, read all {done - opened:.2f} s "
+        f"({1000 * (done - opened) / n:.2f} ms per tensor)"
+    )
 
 
 if __name__ == "__main__":

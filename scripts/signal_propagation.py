@@ -13,18 +13,14 @@ before issue 19) to show the collapse the default scaling prevents.
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_skipless import data, diagnostics, train
+from mlx_skipless.comparisons import kind_config
 from mlx_skipless.models.skipless import Model, ModelArgs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from skipless_vs_standard import config  # noqa: E402  the shapes the comparison trains
-
 
 
 def main():
@@ -44,12 +40,12 @@ def main():
     # the trainer's default tokenizer for the data (1,024-token BPE, deterministic and cached),
     # so these figures and scripts/skipless_vs_standard.py's see the same tokens
     tok = data.cached_tokenizer(data.find_files(o.data), 1024)
-    fields = train.read_model_config(o.config) if o.config else config(o.size, "skipless")
+    fields = train.read_model_config(o.config) if o.config else kind_config(o.size, "skipless")
     fields.update(vocab_size=tok.get_vocab_size(), max_position_embeddings=128)
     args = ModelArgs(**fields)
     model = Model(args)
     train.initialize(model, 0, o.q_init_scale)
-    corpus = data.Corpus.build(o.data, tok)
+    corpus = data.TokenStreams.build(o.data, tok)
     batch = mx.array(next(corpus.validation(1, 8, 128))[0])
 
     def probe(m):
@@ -57,15 +53,22 @@ def main():
         print(diagnostics.table(rows), flush=True)
         return {"layers": rows}
 
-    print(f"[step 0] val loss {train.evaluate(model, corpus, 128):.4f}")
+    print(f"[step 0] val loss {train.validation_loss(model, corpus, 128):.4f}")
     history = [{"step": 0, **probe(model)}]
     with tempfile.TemporaryDirectory() as tmp:
-        state = train.train(model, args, tok, corpus, Path(tmp) / "run", o.steps, lr=o.lr,
-                            ortho=o.orthogonality, eval_every=o.eval_every, save_every=10**9,
-                            progress=False, probe=probe, block_lr_scale=o.block_lr_scale)
+        options = train.TrainOptions(
+            steps=o.steps,
+            lr=o.lr,
+            orthogonality=o.orthogonality,
+            eval_every=o.eval_every,
+            save_every=10**9,
+            block_lr_scale=o.block_lr_scale,
+        )
+        state = train.train(model, args, tok, corpus, Path(tmp) / "run", options, progress=False, probe=probe)
     if o.json:
-        Path(o.json).write_text(json.dumps({"config": fields, "options": state["options"],
-                                            "history": history + state["history"]}, indent=1))
+        Path(o.json).write_text(
+            json.dumps({"config": fields, "options": state["options"], "history": history + state["history"]}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -31,21 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_skipless import modeldir, train
+from mlx_skipless.comparisons import KINDS, kind_config
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = {
-    "skipless": dict(residual=False, shaped_attention=True),
-    "standard": dict(residual=True, shaped_attention=False),
-}
-
-
-def config(size: str, kind: str) -> dict:
-    """d x L: GLU 3d, 64-wide heads, RoPE, RMSNorm pre-norms and final norm (the demo's shape)."""
-    d, layers = (int(v) for v in size.split("x"))
-    return dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=3 * d,
-                num_attention_heads=max(1, d // 64), mlp_type="glu", hidden_act="silu",
-                position_embedding_type="rope", block_norm="rmsnorm", final_norm="rmsnorm",
-                tie_word_embeddings=False, **KINDS[kind])
 
 
 def run(size: str, kind: str, o):
@@ -56,10 +44,26 @@ def run(size: str, kind: str, o):
     if not done and not o.report_only:
         Path(o.work).mkdir(parents=True, exist_ok=True)
         cfg = Path(o.work) / f"{size}-{kind}.json"
-        cfg.write_text(json.dumps(config(size, kind), indent=2))
-        cmd = [sys.executable, "-m", "mlx_skipless.train", "--config", str(cfg), "--data", "stdlib",
-               "--vocab-size", "1024", "--steps", str(o.steps), "--eval-every", str(o.eval_every),
-               "--save-every", str(o.eval_every), "--mlx-path", str(out)] + (["--resume"] if state.exists() else [])
+        cfg.write_text(json.dumps(kind_config(size, kind), indent=2))
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_skipless.train",
+            "--config",
+            str(cfg),
+            "--data",
+            "stdlib",
+            "--vocab-size",
+            "1024",
+            "--steps",
+            str(o.steps),
+            "--eval-every",
+            str(o.eval_every),
+            "--save-every",
+            str(o.eval_every),
+            "--mlx-path",
+            str(out),
+        ] + (["--resume"] if state.exists() else [])
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)  # its progress bar shows on stderr
     if not state.exists():
@@ -69,14 +73,22 @@ def run(size: str, kind: str, o):
         print(f"[WARN] {out}: step {history[-1]['step']} of {o.steps}", flush=True)
     model = modeldir.read(out)[0]  # what a conversion would invert, at the last save
     cond = max((float(np.linalg.cond(np.array(w))) for w in train.inverted_candidates(model)), default=None)
-    return {"size": size, "kind": kind, "steps": [h["step"] for h in history],
-            "val_loss": [h["val_loss"] for h in history], "max_cond_qkv": cond}
+    return {
+        "size": size,
+        "kind": kind,
+        "steps": [h["step"] for h in history],
+        "val_loss": [h["val_loss"] for h in history],
+        "max_cond_qkv": cond,
+    }
 
 
 def table(runs: list) -> str:
     """Final validation losses, compared at the last step both kinds of a size reached."""
-    rows = ["| size (d x layers) | step | standard val loss | skipless val loss | skipless vs standard "
-            "| skipless max cond Q/K/V (step) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| size (d x layers) | step | standard val loss | skipless val loss | skipless vs standard "
+        "| skipless max cond Q/K/V (step) |",
+        "|---|---|---|---|---|---|",
+    ]
     by = {(r["size"], r["kind"]): r for r in runs}
     for size in dict.fromkeys(r["size"] for r in runs):
         pair = [by.get((size, kind)) for kind in ("standard", "skipless")]
@@ -101,8 +113,15 @@ def plot(runs: list, path: str, title: str):
     colors = {}
     for r in runs:
         color = colors.setdefault(r["size"], f"C{len(colors)}")
-        ax.plot(r["steps"], r["val_loss"], color=color, marker="o", ms=3,
-                ls="-" if r["kind"] == "standard" else "--", label=f"{r['size']} {r['kind']}")
+        ax.plot(
+            r["steps"],
+            r["val_loss"],
+            color=color,
+            marker="o",
+            ms=3,
+            ls="-" if r["kind"] == "standard" else "--",
+            label=f"{r['size']} {r['kind']}",
+        )
     ax.set_xlabel("step (16 x 128 tokens)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title, fontsize=9)
@@ -129,18 +148,28 @@ def main():
     if "openblas" in os.environ.get("LD_PRELOAD", ""):
         machine += ", OpenBLAS preloaded"
     if o.json:
-        Path(o.json).write_text(json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128",
-                                            "runs": runs}, indent=2))
+        Path(o.json).write_text(
+            json.dumps({"machine": machine, "steps": o.steps, "batch": "16 x 128", "runs": runs}, indent=2)
+        )
     if o.plot:
         plot(runs, o.plot, f"default train flags, --data stdlib, 1,024-token BPE\n{machine}")
     print(table(runs))
     if o.markdown:
         command = "python scripts/skipless_vs_standard.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        Path(o.markdown).write_text("\n".join([
-            "# Skipless vs standard at equal settings", "",
-            f"`{command}` on {machine}; `python -m mlx_skipless.train` with its default flags, "
-            "16 x 128 tokens per step of the standard library, its 1,024-token BPE tokenizer, validation "
-            "loss in nats/token (unigram entropy 5.92).", "", table(runs), ""]))
+        Path(o.markdown).write_text(
+            "\n".join(
+                [
+                    "# Skipless vs standard at equal settings",
+                    "",
+                    f"`{command}` on {machine}; `python -m mlx_skipless.train` with its default flags, "
+                    "16 x 128 tokens per step of the standard library, its 1,024-token BPE tokenizer, validation "
+                    "loss in nats/token (unigram entropy 5.92).",
+                    "",
+                    table(runs),
+                    "",
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

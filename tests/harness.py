@@ -17,8 +17,14 @@ from mlx_skipless.models.skipless import Model, ModelArgs
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48,
-                num_attention_heads=4, vocab_size=64, max_position_embeddings=64)
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     base.update(kw)
     return ModelArgs(**base)
 
@@ -51,8 +57,33 @@ def tokens(n=8, vocab=64, seed=0):
 __all__ = ["tiny_args", "build", "logits", "rel_err", "fused_model", "tokens", "synthetic"]
 
 
-WORDS = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "while", "print",
-         "value", "items", "name", "data", "path", "(", ")", ":", "=", "+", "[", "]", "0", "1"]
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "import",
+    "class",
+    "for",
+    "in",
+    "if",
+    "else",
+    "while",
+    "print",
+    "value",
+    "items",
+    "name",
+    "data",
+    "path",
+    "(",
+    ")",
+    ":",
+    "=",
+    "+",
+    "[",
+    "]",
+    "0",
+    "1",
+]
 
 
 def write_corpus(directory, files: int = 4, lines: int = 1500):
@@ -72,8 +103,9 @@ def free_port():
 
 
 def post(port, path, body):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -82,9 +114,23 @@ def post(port, path, body):
 def mlx_lm_server(model_dir):
     """`mlx_lm server` on a free local port, up within two minutes, always stopped."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model_dir),
+            "--trust-remote-code",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -105,6 +151,7 @@ def greedy_completions_alone_and_together(model_dir, prompts, max_tokens=24):
     import concurrent.futures
 
     with mlx_lm_server(model_dir) as port:
+
         def complete(prompt):
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
             return post(port, "/v1/completions", body)["choices"][0]["text"]
@@ -138,8 +185,9 @@ def copy_checkout(root, dest):
     """The checkout's files that git would commit, as a user's copy of the repository."""
     import shutil
 
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         if (root / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)

@@ -80,9 +80,11 @@ def ffn(x, layer, a):
         w = np.exp(logits[t, top] - logits[t, top].max())
         w /= w.sum()
         for e, we in zip(top, w):
+
             def expert(n, e=e):
                 f = layer.get(f"mlp.switch_mlp.{n}")
                 return None if f is None else type(f)(f.W[e], f.b[e])
+
             out[t] += we * dense_ffn(x[t : t + 1], expert, act)[0]
     return out
 
@@ -100,8 +102,13 @@ def named_norm(x, w, a, kind, key):
     if not kind:
         return x
     b = w.other.get(f"{key}.bias")
-    return norm(x, kind, np.asarray(w.other[f"{key}.weight"], np.float64),
-                0 if b is None else np.asarray(b, np.float64), a.norm_eps)
+    return norm(
+        x,
+        kind,
+        np.asarray(w.other[f"{key}.weight"], np.float64),
+        0 if b is None else np.asarray(b, np.float64),
+        a.norm_eps,
+    )
 
 
 def forward(w, a, tokens, visible=None):
@@ -115,15 +122,17 @@ def forward(w, a, tokens, visible=None):
         x = x + w.positions[: len(tokens)]
     skip = (lambda x, out: x + out) if a.residual else (lambda x, out: out)
     for i, layer in enumerate(w.layers):
-        shape = ({k: w.other[f"model.layers.{i}.self_attn.{k}"] for k in ("alpha", "beta", "gamma")}
-                 if a.shaped_attention else None)
+        shape = (
+            {k: w.other[f"model.layers.{i}.self_attn.{k}"] for k in ("alpha", "beta", "gamma")}
+            if a.shaped_attention
+            else None
+        )
         u = named_norm(x, w, a, a.block_norm, f"model.layers.{i}.input_layernorm")
         if a.parallel_block:
             x = skip(x, attention(u, layer, a, shape, visible) + ffn(u, layer, a))
         else:
             h = skip(x, attention(u, layer, a, shape, visible))
-            x = skip(h, ffn(named_norm(h, w, a, a.block_norm, f"model.layers.{i}.post_attention_layernorm"),
-                            layer, a))
+            x = skip(h, ffn(named_norm(h, w, a, a.block_norm, f"model.layers.{i}.post_attention_layernorm"), layer, a))
     x = named_norm(x, w, a, a.final_norm, "model.norm")
     head = w.embed.T if w.head is None else w.head
     return x @ head

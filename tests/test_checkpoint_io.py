@@ -6,7 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_skipless.checkpoint import MANIFEST, CheckpointError, ShardWriter, TensorSource, staged_directory
+from mlx_skipless.errors import CheckpointError
+from mlx_skipless.manifest import MANIFEST
+from mlx_skipless.output_dir import staged_directory
+from mlx_skipless.safetensors_reader import TensorSource
+from mlx_skipless.shards import ShardWriter
 
 
 def write_shards(path, tensors, max_bytes):
@@ -72,9 +76,11 @@ def test_staged_directory_is_all_or_nothing(tmp_path):
 
 def test_every_stored_dtype_round_trips_bit_exactly(tmp_path):
     rng = np.random.default_rng(0)
-    tensors = {"bf16": mx.array(rng.standard_normal((3, 5))).astype(mx.bfloat16),
-               "f16": mx.array(rng.standard_normal(7)).astype(mx.float16),
-               "u32": mx.array(rng.integers(0, 2**32, (4, 2), dtype=np.uint32))}
+    tensors = {
+        "bf16": mx.array(rng.standard_normal((3, 5))).astype(mx.bfloat16),
+        "f16": mx.array(rng.standard_normal(7)).astype(mx.float16),
+        "u32": mx.array(rng.integers(0, 2**32, (4, 2), dtype=np.uint32)),
+    }
     writer = ShardWriter(tmp_path, max_bytes=40)
     writer.add(tensors)
     writer.close(total_parameters=0)
@@ -89,13 +95,18 @@ def test_every_stored_dtype_round_trips_bit_exactly(tmp_path):
 def test_weights_are_stored_as_mlx_casts_them():
     """as_stored rounds in numpy (no copies through MLX); its bits and values must be MLX's:
     ties to even, subnormals, overflow to infinity, in bfloat16 and float16."""
-    from mlx_skipless.checkpoint import ROUNDING_CHUNK, as_stored
+    from mlx_skipless.dtypes import ROUNDING_CHUNK, as_stored
 
     rng = np.random.default_rng(0)
     ties = (rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32) & 0xFFFF0000) | 0x8000
-    x = np.concatenate([ties.view(np.float32), rng.standard_normal(20_000).astype(np.float32) * 1e-39,
-                        rng.standard_normal(20_000).astype(np.float32) * 7e4,
-                        np.array([0.0, -0.0, 3.4028235e38, -3.4028235e38, 65520.0, 6e-8], np.float32)])
+    x = np.concatenate(
+        [
+            ties.view(np.float32),
+            rng.standard_normal(20_000).astype(np.float32) * 1e-39,
+            rng.standard_normal(20_000).astype(np.float32) * 7e4,
+            np.array([0.0, -0.0, 3.4028235e38, -3.4028235e38, 65520.0, 6e-8], np.float32),
+        ]
+    )
     x = x[np.isfinite(x)]
     exact = np.array(mx.array(x[:999].reshape(27, 37)).astype(mx.bfloat16).astype(mx.float32))  # read from bf16
     several_pieces = np.concatenate([x] * 3)[:-5]  # rounding goes a piece at a time: a ragged last one

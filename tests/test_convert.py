@@ -4,23 +4,34 @@ import json
 import subprocess
 import sys
 
+import hf_checkpoints as hf
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import hf_checkpoints as hf
 import reference
 from harness import logits, rel_err, tokens
-from mlx_skipless import convert as convert_module, layout
-from mlx_skipless.families import BUFFERS
-from mlx_skipless.checkpoint import CheckpointError, TensorSource
+
+from mlx_skipless import convert as convert_module
+from mlx_skipless import layout
 from mlx_skipless.convert import DegradedError, convert
+from mlx_skipless.errors import CheckpointError
+from mlx_skipless.families import BUFFERS
 from mlx_skipless.fusion import FusionError
 from mlx_skipless.loading import load, load_model
+from mlx_skipless.safetensors_reader import TensorSource
 from mlx_skipless.streaming import Passes, products_for
 
-FAMILIES = ["llama", "mistral", "mixtral", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_bare", "skipless",
-            "skipless_shaped"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "gpt_neox",
+    "gpt_neox_serial",
+    "gpt2",
+    "gpt2_bare",
+    "skipless",
+    "skipless_shaped",
+]
 
 
 def quiet(**kw):
@@ -39,9 +50,11 @@ def reference_logits(args, flat, t):
 def layer_matrix_sizes(directory):
     """Elements of every matrix inside the blocks, as stored in a checkpoint."""
     source = TensorSource(directory)
-    return sum(int(np.prod(s)) for k, s in source.shapes.items()
-               if len(s) >= 2 and not BUFFERS.search(k)
-               and ("layers." in k or ".h." in k or k.startswith("h.")))
+    return sum(
+        int(np.prod(s))
+        for k, s in source.shapes.items()
+        if len(s) >= 2 and not BUFFERS.search(k) and ("layers." in k or ".h." in k or k.startswith("h."))
+    )
 
 
 def nothing_written(tmp_path, out):
@@ -104,9 +117,24 @@ def test_output_runs_under_stock_mlx_lm(tmp_path):
     out = tmp_path / "out"
     convert(str(src), str(out), **quiet())
     run = subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(out), "--trust-remote-code",
-         "--prompt", "def x", "--max-tokens", "4", "--ignore-chat-template"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(out),
+            "--trust-remote-code",
+            "--prompt",
+            "def x",
+            "--max-tokens",
+            "4",
+            "--ignore-chat-template",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "Generation: 4 tokens" in run.stdout
 
@@ -193,8 +221,9 @@ def corrupt(tmp_path, how):
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
     elif how == "final_norm_renamed":  # a norm-like name outside the blocks is no block norm
-        hf.write(src, "llama", args, {("model.norm_x.weight" if k == "model.norm.weight" else k): v
-                                      for k, v in flat.items()})
+        hf.write(
+            src, "llama", args, {("model.norm_x.weight" if k == "model.norm.weight" else k): v for k, v in flat.items()}
+        )
     elif how == "unsupported":
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
@@ -210,10 +239,10 @@ def corrupt(tmp_path, how):
 
 
 ERRORS = {
-    "not_skipless": r'not declared skipless.*residual.*would change what it computes.*--assume-skipless',
+    "not_skipless": r"not declared skipless.*residual.*would change what it computes.*--assume-skipless",
     "norms": r"normalization inside its block chain: model\.layers\.0\.input_layernorm\.weight.*normfree",
     "final_norm_renamed": r"has tensors that are not weights a skipless llama model has: model\.norm_x\.weight "
-                          r"\(a skipless llama model's final norm is model\.norm\.weight\)$",
+    r"\(a skipless llama model's final norm is model\.norm\.weight\)$",
     "unsupported": r"'bert' is not supported; supported: llama, mistral, mixtral, gpt_neox, gpt2, skipless",
     "missing": r"no \*\.safetensors weight files",
     "truncated": r"unreadable or truncated",
@@ -313,8 +342,15 @@ def test_trials_reuse_the_written_plan_and_match_a_full_pass(tmp_path, family, q
     src = hf.write(tmp_path / "src", family, args, flat, dtype=mx.bfloat16)
     ckpt = SkiplessCheckpoint(str(src))
     quant = {"group_size": 32, "bits": 4, "mode": "affine"} if quantize else None
-    passes = Passes(ckpt, mx.bfloat16, quant, "bfloat16", verify.probe_tokens(args.vocab_size),
-                    False, products_for("bfloat16", quant is not None))
+    passes = Passes(
+        ckpt,
+        mx.bfloat16,
+        quant,
+        "bfloat16",
+        verify.probe_tokens(args.vocab_size),
+        False,
+        products_for("bfloat16", quant is not None),
+    )
     merge_p = "p" if not args.parallel_block else ""
     (tmp_path / "stage").mkdir()
     passes.write(tmp_path / "stage", lambda row: planner.ladder([row], merge_p)[0][0])
@@ -349,8 +385,15 @@ def test_auto_writes_its_chosen_plan_from_the_first_without_fusing_again(tmp_pat
 
     quant = {"group_size": 32, "bits": 8, "mode": "affine"} if quantize else None
     stored_as = "bfloat16" + (", 8-bit (group 32)" if quantize else "")
-    full = Passes(SkiplessCheckpoint(str(src)), mx.bfloat16, quant, stored_as,
-                  verify.probe_tokens(args.vocab_size), False, products_for("bfloat16", quant is not None))
+    full = Passes(
+        SkiplessCheckpoint(str(src)),
+        mx.bfloat16,
+        quant,
+        stored_as,
+        verify.probe_tokens(args.vocab_size),
+        False,
+        products_for("bfloat16", quant is not None),
+    )
     (tmp_path / "full").mkdir()
     written = full.write(tmp_path / "full", forms)
     written.writer.close(0)

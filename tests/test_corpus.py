@@ -17,8 +17,11 @@ def fake_wheel(folder, name, version, files, licence="MIT"):
     path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     dist = f"{name.replace('-', '_')}-{version}.dist-info"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n"
-                                       f"License-Expression: {licence}\n\nA fake package.\n")
+        z.writestr(
+            f"{dist}/METADATA",
+            f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n"
+            f"License-Expression: {licence}\n\nA fake package.\n",
+        )
         z.writestr(f"{name}-{version}.data/scripts/copy.py", "print('scripts are not the package')\n")
         for rel, body in files.items():
             z.writestr(rel, body)
@@ -29,8 +32,9 @@ def fake_wheel(folder, name, version, files, licence="MIT"):
 def wheels(tmp_path):
     w = tmp_path / "wheels"
     w.mkdir()
-    fake_wheel(w, "alpha", "1.0", {"alpha/__init__.py": "", "alpha/core.py": "X = 1\n",
-                                   "alpha/_vendor/held.py": HELD_BODY})  # a vendored copy
+    fake_wheel(
+        w, "alpha", "1.0", {"alpha/__init__.py": "", "alpha/core.py": "X = 1\n", "alpha/_vendor/held.py": HELD_BODY}
+    )  # a vendored copy
     fake_wheel(w, "beta-pkg", "2.1", {"beta_pkg.py": "import alpha\n"}, licence="Apache-2.0 OR BSD-2-Clause")
     fake_wheel(w, "held", "0.3", {"held/__init__.py": "", "held/held.py": HELD_BODY})
     return w
@@ -50,8 +54,11 @@ def test_held_out_by_package_with_manifest(wheels, tmp_path):
     assert json.loads((out / corpus.MANIFEST).read_text()) == m
     by = {e["package"]: e for e in m["packages"]}
     assert {k: (e["split"], e["version"]) for k, e in by.items()} == {
-        "alpha": ("train", "1.0"), "beta-pkg": ("train", "2.1"), "held": ("heldout", "0.3"),
-        "python-stdlib": ("train", m["python"])}
+        "alpha": ("train", "1.0"),
+        "beta-pkg": ("train", "2.1"),
+        "held": ("heldout", "0.3"),
+        "python-stdlib": ("train", m["python"]),
+    }
     assert by["beta-pkg"]["licence"] == "Apache-2.0 OR BSD-2-Clause" and by["python-stdlib"]["licence"] == "PSF-2.0"
     for name in PACKAGES:
         wheel = wheels / by[name]["archive"]

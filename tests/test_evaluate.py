@@ -11,13 +11,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 import reference
 from harness import build, tiny_args
+
 from mlx_skipless import data, evaluate, layout, modeldir, synthetic
 
-TEXTS = ["def f(x):\n    return x + 1  # café\n", "class Stack:\n    def push(self, v):\n        self.items.append(v)\n",
-         "import json\nprint(json.dumps({'ü': [1, 2, 3]}))\n"]
+TEXTS = [
+    "def f(x):\n    return x + 1  # café\n",
+    "class Stack:\n    def push(self, v):\n        self.items.append(v)\n",
+    "import json\nprint(json.dumps({'ü': [1, 2, 3]}))\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_bits_per_byte_equals_float64_reference(setup):
     tok, args, flat = setup
     model = build(args, flat)
     context, stride = 16, 5
-    r = evaluate.evaluate(model, tok, TEXTS, context, stride, batch_size=3)
+    r = evaluate.bits_per_byte(model, tok, TEXTS, context, stride, batch_size=3)
     eos = tok.token_to_id(data.EOS)
     ids = [eos] + [i for t in TEXTS for i in tok.encode(t).ids + [eos]]
     assert r["tokens"] == len(ids) - 1 > 2 * context
@@ -65,9 +68,11 @@ def test_bits_per_byte_equals_float64_reference(setup):
 def test_compressors_report_their_compressed_sizes():
     text = "".join(TEXTS * 20).encode()
     r = evaluate.compressed_bits_per_byte(text)
-    assert r == {"gzip -9": 8 * len(gzip.compress(text, 9)) / len(text),
-                 "bz2 -9": 8 * len(bz2.compress(text, 9)) / len(text),
-                 "xz -9e": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text)}
+    assert r == {
+        "gzip -9": 8 * len(gzip.compress(text, 9)) / len(text),
+        "bz2 -9": 8 * len(bz2.compress(text, 9)) / len(text),
+        "xz -9e": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text),
+    }
     assert all(0 < v < 8 for v in r.values())
 
 
@@ -84,7 +89,7 @@ def test_command_scores_vanilla_converted_and_quantized_models(setup, tmp_path, 
     files.mkdir()
     for i, t in enumerate(TEXTS):
         (files / f"m{i}.py").write_text(t)
-    expected = evaluate.evaluate(model, tok, data.read_texts(sorted(files.glob("*.py"))), 16)["bits_per_byte"]
+    expected = evaluate.bits_per_byte(model, tok, data.read_texts(sorted(files.glob("*.py"))), 16)["bits_per_byte"]
 
     def score(path):
         assert evaluate.main(["--model", str(path), "--data", str(files), "--json"]) == 0
@@ -95,8 +100,15 @@ def test_command_scores_vanilla_converted_and_quantized_models(setup, tmp_path, 
     quiet = dict(progress=False, log=lambda *_: None, force=True)
     convert(str(vanilla), str(tmp_path / "f32"), dtype="float32", **quiet)
     convert(str(vanilla), str(tmp_path / "bf16"), dtype="bfloat16", **quiet)
-    convert(str(vanilla), str(tmp_path / "q4"), dtype="bfloat16", quantize=True, q_group_size=32,
-            allow_degraded=True, **quiet)
+    convert(
+        str(vanilla),
+        str(tmp_path / "q4"),
+        dtype="bfloat16",
+        quantize=True,
+        q_group_size=32,
+        allow_degraded=True,
+        **quiet,
+    )
     assert score(tmp_path / "f32")["bits_per_byte"] == pytest.approx(expected, rel=1e-4)
     assert score(tmp_path / "bf16")["bits_per_byte"] == pytest.approx(expected, rel=0.05)
     q4 = score(tmp_path / "q4")

@@ -5,17 +5,21 @@ import json
 import hf_checkpoints as hf
 import mlx.core as mx
 import pytest
+from test_convert import ill_conditioned
 
 from mlx_skipless import fidelity
-from mlx_skipless.checkpoint import CheckpointError
 from mlx_skipless.convert import convert
-from test_convert import ill_conditioned
+from mlx_skipless.errors import CheckpointError
 
 
 def test_report_per_dtype_next_to_plain_rounding(tmp_path, capsys):
     src = ill_conditioned(tmp_path, 1e4, mx.float32)
-    assert fidelity.main(["--model", str(src), "--dtypes", "float32", "bfloat16", "8bit", "--q-group-size", "32",
-                          "--json"]) == 0
+    assert (
+        fidelity.main(
+            ["--model", str(src), "--dtypes", "float32", "bfloat16", "8bit", "--q-group-size", "32", "--json"]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["condition_numbers"][1]["q"] > 9e3
     assert r["dtypes"]["float32"]["removed"] == ["qp", "qp", "qp"]

@@ -5,15 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_checkpoints as hf
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-
-import hf_checkpoints as hf
 from harness import greedy_completions_alone_and_together, mlx_lm_server, post
+
 import mlx_skipless
-from mlx_skipless import chat, generate as generate_cli
+from mlx_skipless import chat
+from mlx_skipless import generate as generate_cli
 from mlx_skipless.convert import convert
 
 PROMPT = "def x ( n ) :"
@@ -26,8 +27,12 @@ def models(tmp_path_factory):
     """Vanilla skipless checkpoints and their converted forms (float32)."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, family in (("serial_gqa", "llama"), ("parallel_mha", "gpt_neox"), ("moe", "mixtral"),
-                         ("shaped", "skipless_shaped")):
+    for name, family in (
+        ("serial_gqa", "llama"),
+        ("parallel_mha", "gpt_neox"),
+        ("moe", "mixtral"),
+        ("shaped", "skipless_shaped"),
+    ):
         args, flat = hf.case(family, seed=1)
         src = hf.write(root / f"{name}-src", family, args, flat)
         convert(str(src), str(root / name), progress=False, log=lambda *_: None)
@@ -41,9 +46,26 @@ def cli_text(capsys, *argv):
 
 
 def mlx_lm_generate(model_dir, *extra):
-    run = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model_dir),
-                          "--trust-remote-code", "--prompt", PROMPT, "--max-tokens", "12",
-                          "--ignore-chat-template", *extra], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--trust-remote-code",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "12",
+            "--ignore-chat-template",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout.split("==========")[1].strip()
 
@@ -83,13 +105,16 @@ def test_quantized_model_and_quantized_kv_cache(tmp_path, capsys):
     assert text and text == mlx_lm_generate(q, *kv, "--max-tokens", "6")
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing", "no such directory"),
-    ("no_weights", "no model*.safetensors weight files"),
-    ("long_prompt", "the prompt is 70 tokens; the model's context is 64"),
-    ("kv_group", "--kv-group-size 64 does not divide the head size 8"),
-    ("kv_rotating", "--kv-bits and --max-kv-size do not combine"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "no such directory"),
+        ("no_weights", "no model*.safetensors weight files"),
+        ("long_prompt", "the prompt is 70 tokens; the model's context is 64"),
+        ("kv_group", "--kv-group-size 64 does not divide the head size 8"),
+        ("kv_rotating", "--kv-bits and --max-kv-size do not combine"),
+    ],
+)
 def test_bad_model_or_prompt_is_a_one_line_error(models, tmp_path, capsys, how, message):
     model, prompt, flags = str(models["serial_gqa"][1]), PROMPT, []
     if how == "missing":
@@ -102,8 +127,7 @@ def test_bad_model_or_prompt_is_a_one_line_error(models, tmp_path, capsys, how, 
     elif how == "long_prompt":
         prompt = " ".join(["x"] * 70)
     else:
-        flags = ["--kv-bits", "8"] + (["--max-kv-size", "32", "--kv-group-size", "32"]
-                                      if how == "kv_rotating" else [])
+        flags = ["--kv-bits", "8"] + (["--max-kv-size", "32", "--kv-group-size", "32"] if how == "kv_rotating" else [])
     assert generate_cli.main(["--model", model, "--prompt", prompt, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -121,8 +145,14 @@ def test_chat_resets_and_streams_like_generate(models):
     model_dir = str(models["serial_gqa"][1])
     lines = iter(["def x", "r", "return y", "q"])
     said = []
-    assert chat.main(["--model", model_dir, "--max-tokens", "3"], read=lambda _: next(lines),
-                     write=lambda *a, end="\n", **k: said.append("".join(a) + end)) == 0
+    assert (
+        chat.main(
+            ["--model", model_dir, "--max-tokens", "3"],
+            read=lambda _: next(lines),
+            write=lambda *a, end="\n", **k: said.append("".join(a) + end),
+        )
+        == 0
+    )
     turns = "".join(said).splitlines()[1:]  # after the [INFO] line
     model, tokenizer = mlx_skipless.load(model_dir)
     # each turn after a reset is a fresh generation from its prompt
@@ -136,15 +166,23 @@ def test_chat_stops_at_a_learned_context(tmp_path):
     src = hf.write(tmp_path / "gpt2", "gpt2", args, flat)
     lines = iter(["def x", "return y", "x = 1", "r", "def x", "q"])
     said = []
-    assert chat.main(["--model", str(src), "--max-tokens", "40"], read=lambda _: next(lines),
-                     write=lambda *a, end="\n", **k: said.append("".join(a) + end)) == 0
+    assert (
+        chat.main(
+            ["--model", str(src), "--max-tokens", "40"],
+            read=lambda _: next(lines),
+            write=lambda *a, end="\n", **k: said.append("".join(a) + end),
+        )
+        == 0
+    )
     out = "".join(said).splitlines()
     limit = args.max_position_embeddings
     cut = [line for line in out if line.startswith("[INFO] generating ")]
     assert len(cut) == 1 and cut[0].endswith(f"tokens: the context ends at {limit}")
     refused = [line for line in out if "this turn is not sent" in line]
-    assert refused == [f"[INFO] the conversation holds {limit} tokens and this turn adds 3; the model's "
-                       f"context is {limit}: this turn is not sent; 'r' resets the conversation"]
+    assert refused == [
+        f"[INFO] the conversation holds {limit} tokens and this turn adds 3; the model's "
+        f"context is {limit}: this turn is not sent; 'r' resets the conversation"
+    ]
     model, tokenizer = mlx_skipless.load(str(src))
     first = mlx_lm.generate(model, tokenizer, "def x", max_tokens=40)
     text = "".join(said).split("\n", 1)[1]  # after the [INFO] chatting line
@@ -156,8 +194,9 @@ def test_mlx_lm_server_answers_for_a_converted_model(models):
         completion = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
         assert completion["usage"]["completion_tokens"] == 4
         assert completion["choices"][0]["text"]
-        chat_reply = post(port, "/v1/chat/completions",
-                           {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4})
+        chat_reply = post(
+            port, "/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+        )
         assert chat_reply["choices"][0]["message"]["content"]
 
 
@@ -172,10 +211,23 @@ def test_tensor_parallel_over_two_processes(models, tmp_path):
     """mlx-lm's sharded_load + mlx.launch (ring backend, localhost) through the model file's
     shard(), a full forward and a cached decode (shaped attention: the sums of sharded heads)."""
     names = ("serial_gqa", "parallel_mha", "shaped")
-    run = subprocess.run([MLX_LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
-                          str(WORKERS / "sharded_logits.py"), str(tmp_path),
-                          *(str(models[name][1]) for name in names)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            MLX_LAUNCH,
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--python",
+            sys.executable,
+            str(WORKERS / "sharded_logits.py"),
+            str(tmp_path),
+            *(str(models[name][1]) for name in names),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     for i, name in enumerate(names):
         model, _ = mlx_skipless.load_model(str(models[name][1]))

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +32,24 @@ def test_installed_package_has_the_zoo_and_runs_the_main_job(tmp_path):
     python = str(venv / "bin" / "python")
     # Run from inside a venv, this interpreter's packages are not the base one's that
     # --system-site-packages shows: name its package folders to the new venv too.
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     Path(purelib).mkdir(parents=True, exist_ok=True)
     (Path(purelib) / "_running_interpreter.pth").write_text("\n".join(ours) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed copy, not this checkout
     isolation = ["--no-build-isolation"] if can_build_offline() else []
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *isolation, str(source)],
-                             env=env, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", *isolation, str(source)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere.mkdir()
 

@@ -5,16 +5,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import tiny_args
 from hf_checkpoints import SHAPES
+
 from mlx_skipless import counting, names
 
 ROOT = Path(__file__).resolve().parents[1]
 # Beyond the families: expert FFNs of both kinds, and the block norms a model trains with.
-EXTRA = [dict(mlp_type="mlp", hidden_act="gelu", num_local_experts=4, mlp_bias=True),
-         dict(block_norm="layernorm", final_norm="layernorm", residual=True),
-         dict(block_norm="rmsnorm", parallel_block=True)]
+EXTRA = [
+    dict(mlp_type="mlp", hidden_act="gelu", num_local_experts=4, mlp_bias=True),
+    dict(block_norm="layernorm", final_norm="layernorm", residual=True),
+    dict(block_norm="rmsnorm", parallel_block=True),
+]
 CONFIGS = [tiny_args(**kw) for kw in [*SHAPES.values(), *EXTRA]]
 
 
@@ -32,8 +34,14 @@ def _paths_in_blocks(args):
     return paths, others
 
 
-KNOWN = set(names.ATTN_IN) | {names.ATTN_OUT} | set(names.FFN_INPUTS) | set(names.FFN_OUTPUTS) | set(
-    names.BLOCK_NORMS) | {f"{names.ATTENTION}.{s}" for s in names.SHAPED}
+KNOWN = (
+    set(names.ATTN_IN)
+    | {names.ATTN_OUT}
+    | set(names.FFN_INPUTS)
+    | set(names.FFN_OUTPUTS)
+    | set(names.BLOCK_NORMS)
+    | {f"{names.ATTENTION}.{s}" for s in names.SHAPED}
+)
 
 
 @pytest.mark.parametrize("args", CONFIGS, ids=[*SHAPES, "moe_mlp", "layernorm", "rmsnorm_parallel"])
@@ -62,7 +70,9 @@ def test_names_compose_as_the_model_spells_them():
 
 def test_fusion_imports_no_mlx():
     # A fresh interpreter: this one has imported MLX already.
-    code = ("import sys, mlx_skipless.fusion, mlx_skipless.names; "
-            "assert not any(m.startswith('mlx.') or m == 'mlx' for m in sys.modules), "
-            "sorted(m for m in sys.modules if m.split('.')[0] == 'mlx')")
+    code = (
+        "import sys, mlx_skipless.fusion, mlx_skipless.names; "
+        "assert not any(m.startswith('mlx.') or m == 'mlx' for m in sys.modules), "
+        "sorted(m for m in sys.modules if m.split('.')[0] == 'mlx')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import hf_checkpoints as hf
 import pytest
 
-import hf_checkpoints as hf
 from mlx_skipless import convert as convert_cli
-from mlx_skipless.checkpoint import MANIFEST, CheckpointError, staged_directory
 from mlx_skipless.convert import convert
+from mlx_skipless.errors import CheckpointError
+from mlx_skipless.manifest import MANIFEST
+from mlx_skipless.output_dir import staged_directory
 
 
 def quiet(**kw):
@@ -52,8 +54,7 @@ def test_the_current_directory_is_refused_as_output(src, tmp_path, capsys, monke
 def test_output_never_overlaps_the_input(src, tmp_path, capsys, monkeypatch, where):
     proj = tmp_path / "proj"
     before = snapshot(proj)
-    out = {"parent": proj, "same": src, "inside": src / "out", "symlink": tmp_path / "link",
-           "dot": Path(".")}[where]
+    out = {"parent": proj, "same": src, "inside": src / "out", "symlink": tmp_path / "link", "dot": Path(".")}[where]
     if where == "symlink":
         out.symlink_to(src)
     if where == "dot":  # relative paths: the input named from inside it
@@ -103,8 +104,9 @@ convert(src, out, progress=False, log=log)
 def test_a_second_writer_of_the_same_output_fails(src, tmp_path, capsys):
     out, flags = tmp_path / "out", tmp_path / "flags"
     flags.mkdir()
-    first = subprocess.Popen([sys.executable, "-c", PAUSED_MIDWAY, str(src), str(out), str(flags)],
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_MIDWAY, str(src), str(out), str(flags)], stderr=subprocess.PIPE, text=True
+    )
     try:
         while not (flags / "midway").exists():
             assert first.poll() is None, first.stderr.read()
@@ -145,8 +147,9 @@ convert(sys.argv[1], sys.argv[2], progress=False, log=log)
 
 def test_sigterm_cleans_up_like_ctrl_c(src, tmp_path):
     out = tmp_path / "deep" / "er" / "out"
-    proc = subprocess.run([sys.executable, "-c", SIGTERM_MIDWAY, str(src), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_MIDWAY, str(src), str(out)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 128 + 15, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # no partial, no parents it made
 
@@ -162,12 +165,18 @@ def test_a_refused_conversion_leaves_no_directories_it_made(src, tmp_path):
 
 
 def test_stale_partials_of_dead_runs_are_removed(src, tmp_path, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = [tmp_path / f".out.partial-{dead}-0a1b2c3d", tmp_path / f".out.old-{dead}"]
     # only the exact names a run makes are leftovers: look-alikes are the user's
-    kept = [".other.partial-1-00000000", ".out.old-v1", ".out.partial-draft", ".out.partial-k3j2h1g0",
-            f".out.partial-{dead}-0a1b2c3d-copy"]
+    kept = [
+        ".other.partial-1-00000000",
+        ".out.old-v1",
+        ".out.partial-draft",
+        ".out.partial-k3j2h1g0",
+        f".out.partial-{dead}-0a1b2c3d-copy",
+    ]
     (tmp_path / "out").mkdir()  # (so the old output is not restored in its place)
     (tmp_path / "out" / "config.json").write_text("{}")
     for p in stale + [tmp_path / k for k in kept]:
@@ -186,8 +195,9 @@ def test_a_run_killed_between_the_two_renames_loses_nothing(src, tmp_path, capsy
     out = tmp_path / "out"
     assert run_cli(["--hf-path", str(src), "--mlx-path", str(out)], capsys)[0] == 0
     before = (out / "config.json").read_bytes()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     out.rename(tmp_path / f".out.old-{dead}")
     code, err = run_cli(["--hf-path", str(src), "--mlx-path", str(out)], capsys)
     assert code == 1 and "exists; pass --force" in err and "restored" in err

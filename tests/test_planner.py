@@ -6,10 +6,10 @@ import math
 import mlx.core as mx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_convert import ill_conditioned, quiet
 
 from mlx_skipless import planner, zoo
 from mlx_skipless.convert import convert
-from test_convert import ill_conditioned, quiet
 
 
 def test_ladder_keeps_the_worst_conditioned_first_and_ends_at_the_original():

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import copy_checkout
+
 from mlx_skipless.zoo import tomllib  # tomli on Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,11 @@ SCALED = [  # (pattern, replacement): the same command, a few seconds of trainin
     (r"--config zoo/skipless-python.toml", "--config narrow.toml"),  # written by scaled_config
     (r"--data stdlib\b", "--data stdlib/json"),
     (r"--steps 2000", "--steps 4 --batch-size 2 --context 32 --vocab-size 300 --eval-every 2 --save-every 4"),
-    (r"(mlx_skipless\.normfree .*)$", r"\1 --data stdlib/json --steps-per-norm 0 --final-steps 0 --calibration-batches 1 --eval-batches 1 --batch-size 2"),
+    (
+        r"(mlx_skipless\.normfree .*)$",
+        r"\1 --data stdlib/json --steps-per-norm 0 --final-steps 0 --calibration-batches 1 --eval-batches 1"
+        r" --batch-size 2",
+    ),
 ]
 TYPED = "import os\nq\n"  # what a user types into the chat commands
 
@@ -66,8 +70,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
         for pattern, replacement in SCALED:
             command = re.sub(pattern, replacement, command)
         t0 = time.perf_counter()
-        run = subprocess.run(["bash", "-c", command], cwd=work, env=env, input=TYPED, capture_output=True,
-                             text=True, timeout=600)
+        run = subprocess.run(
+            ["bash", "-c", command], cwd=work, env=env, input=TYPED, capture_output=True, text=True, timeout=600
+        )
         assert run.returncode == 0, f"{command}\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}"
         ran.append(command)
         print(f"{time.perf_counter() - t0:6.1f}s {command}")
@@ -75,3 +80,64 @@ def test_every_readme_command_runs_as_written(tmp_path):
         run = subprocess.run([sys.executable, "-c", block], cwd=work, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, f"{block}\n{run.stderr[-3000:]}"
     assert len(ran) >= 10 and any("zoo run" in c for c in ran) and any("mlx_lm chat" in c for c in ran)
+
+
+# -- the README's structure, and the docs it links to (fast: no subprocesses) -------------------
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def anchor(heading):
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_readme_stays_a_readme():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 300, "the measurement log belongs in docs/numbers.md"
+    assert lines[8:16] == [  # the two commands at the top; .ci/run and test_convert depend on them
+        "```bash",
+        "pip install -e .                                                     # set-up (or `pip install .`; not on PyPI)",  # noqa: E501
+        "python -m mlx_skipless.convert && python -m mlx_skipless.generate   # main job, on the packaged model",
+        "```",
+        "",
+        "```bash",
+        'pip install -e ".[test]" && python -m pytest                         # the tests (1 min 17 s on 2 CPU cores)',
+        "```",
+    ]
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_link_resolves_inside_the_repository(path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        file, _, fragment = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        assert resolved.exists(), f"{path.name}: {target} does not exist"
+        assert ROOT in resolved.parents or resolved == ROOT, f"{path.name}: {target} is outside the repository"
+        if fragment and resolved.suffix == ".md":
+            assert fragment in anchors(resolved), f"{path.name}: {target}: no such heading"
+
+
+def test_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    assert [p.name for p in DOCS if f"(docs/{p.name})" not in readme] == []
+
+
+def test_layout_table_lists_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(mlx_skipless/[\w/]+\.py)` \|", layout, re.M))
+    modules = {
+        str(p.relative_to(ROOT))
+        for p in [*(ROOT / "mlx_skipless").glob("*.py"), *(ROOT / "mlx_skipless/models").glob("*.py")]
+        if p.name != "__init__.py" or p.parent.name == "mlx_skipless"
+    }
+    assert sorted(modules - listed) == [], "add a row to the README's layout table"
+    assert sorted(listed - modules) == [], "the README's layout table lists a module that is gone"

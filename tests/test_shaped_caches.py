@@ -9,17 +9,17 @@ only the softmax term."""
 import re
 from pathlib import Path
 
+import hf_checkpoints as hf
 import mlx.core as mx
 import numpy as np
 import pytest
+import reference
+from harness import build, rel_err, tiny_args, tokens
 from mlx_lm import batch_generate
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-import hf_checkpoints as hf
-import reference
-from harness import build, rel_err, tiny_args, tokens
 from mlx_skipless import layout, synthetic
 
 FORMS = [(lay, form, "rope") for lay in ("serial", "parallel") for form in ("", "qp", "kp", "vp")]
@@ -28,8 +28,12 @@ VARIANTS = {
     "learned": dict(position_embedding_type="learned", tie_word_embeddings=True),
     "gqa": dict(num_key_value_heads=2, final_norm="rmsnorm"),
 }
-CASES = FORMS + [("serial", "", "learned"), ("parallel", "", "learned"), ("serial", "", "gqa"),
-                 ("parallel", "qp", "gqa")]
+CASES = FORMS + [
+    ("serial", "", "learned"),
+    ("parallel", "", "learned"),
+    ("serial", "", "gqa"),
+    ("parallel", "qp", "gqa"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,9 @@ def tokenizer(tmp_path_factory):
 def shaped(layout_="serial", form="", variant="rope", beta=None, seed=3, **kw):
     """(args, flat weights, MLX model) of a tiny shaped-attention model. beta=0 drops
     the softmax term, the only one that reads the KV cache."""
-    args = tiny_args(shaped_attention=True, parallel_block=layout_ == "parallel", removed=[form] * 2,
-                     **VARIANTS[variant], **kw)
+    args = tiny_args(
+        shaped_attention=True, parallel_block=layout_ == "parallel", removed=[form] * 2, **VARIANTS[variant], **kw
+    )
     flat = synthetic.random_flat(args, seed=seed)
     if beta is not None:
         for i in range(args.num_hidden_layers):
@@ -74,16 +79,23 @@ def assert_batch_equals_alone(result, model, full_prompts, max_tokens):
         assert np.allclose(got_lp, [lp[t] for lp, t in zip(want_lp, want)], atol=1e-4)
 
 
-@pytest.mark.parametrize("layout_,form,variant", CASES,
-                         ids=[f"{a}-{b or 'vanilla'}-{c}" for a, b, c in CASES])
+@pytest.mark.parametrize("layout_,form,variant", CASES, ids=[f"{a}-{b or 'vanilla'}-{c}" for a, b, c in CASES])
 def test_batch_generate_gives_each_prompt_its_tokens_alone(tokenizer, layout_, form, variant):
     _, _, model = shaped(layout_, form, variant)
     max_tokens = [8, 4, 8]  # the second finishes first: the batch is filtered, the third joins
     # Prompts of 3, 11 and 6 tokens, prefilled 4 at a time (right padding, then
     # rolled into left padding), two at a time (the third is added by extend).
-    result = batch_generate(model, tokenizer, prompts(), max_tokens=max_tokens, return_token_ids=True,
-                            return_logprobs=True, prefill_step_size=4, prefill_batch_size=2,
-                            completion_batch_size=2)
+    result = batch_generate(
+        model,
+        tokenizer,
+        prompts(),
+        max_tokens=max_tokens,
+        return_token_ids=True,
+        return_logprobs=True,
+        prefill_step_size=4,
+        prefill_batch_size=2,
+        completion_batch_size=2,
+    )
     assert_batch_equals_alone(result, model, prompts(), max_tokens)
 
 
@@ -99,8 +111,9 @@ def test_saved_prompt_caches_continue_exactly_in_a_batch(tokenizer, tmp_path):
         save_prompt_cache(str(tmp_path / f"{i}.safetensors"), cache)
         caches.append(load_prompt_cache(str(tmp_path / f"{i}.safetensors")))
         rests.append(prompt[cut:])
-    result = batch_generate(model, tokenizer, rests, prompt_caches=caches, max_tokens=6,
-                            return_token_ids=True, return_logprobs=True)
+    result = batch_generate(
+        model, tokenizer, rests, prompt_caches=caches, max_tokens=6, return_token_ids=True, return_logprobs=True
+    )
     assert_batch_equals_alone(result, model, full, [6] * 3)
 
 
@@ -157,8 +170,7 @@ def test_rotated_window_matches_a_float64_reference(layout_):
     args, flat, model = shaped(layout_, variant="gqa")
     toks, size, keep = tokens(20, 64), 8, 4
     cache = model.make_cache(max_kv_size=size)
-    got = np.concatenate([np.array(model(mx.array([[int(t)]]), cache=cache)[0], np.float64)
-                          for t in toks])
+    got = np.concatenate([np.array(model(mx.array([[int(t)]]), cache=cache)[0], np.float64) for t in toks])
     t, s = np.arange(20)[:, None], np.arange(20)[None]
     window = (s <= t) & ((s < keep) | (s > t - size + keep))
     w = layout.weights_from_flat(flat, args)

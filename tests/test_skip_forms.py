@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 import reference
 from harness import build, logits, rel_err, tiny_args, tokens
-from mlx_skipless import layout, names, synthetic
+
+from mlx_skipless import layout, names, optimizers, synthetic
 
 TOL = 1e-5
 FORMS = {"wq-identity": "q", "figure-4": "qp"}
@@ -20,13 +20,17 @@ FORMS = {"wq-identity": "q", "figure-4": "qp"}
 
 def removed_paths(args, form: str):
     """The block paths of the matrices `form` removes ("p" is the output projection, o_proj)."""
-    return [names.block_key(i, names.attention("o" if letter == "p" else letter))
-            for i in range(args.num_hidden_layers) for letter in form]
+    return [
+        names.block_key(i, names.attention("o" if letter == "p" else letter))
+        for i in range(args.num_hidden_layers)
+        for letter in form
+    ]
 
 
 def standard_args(parallel: bool, **kw):
-    return tiny_args(residual=True, block_norm="rmsnorm", final_norm="rmsnorm", parallel_block=parallel,
-                     num_key_value_heads=2, **kw)
+    return tiny_args(
+        residual=True, block_norm="rmsnorm", final_norm="rmsnorm", parallel_block=parallel, num_key_value_heads=2, **kw
+    )
 
 
 def with_identities(flat: dict, args, form: str) -> dict:
@@ -72,32 +76,45 @@ def test_identity_matters():
 
 # -- trained, converted, served ------------------------------------------------------------------
 
-TRAINED = {"wq-identity": dict(removed="q"), "figure-4": dict(removed="qp"),
-           "figure-4-parallel": dict(removed="qp", parallel_block=True)}
-SHAPE = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-             block_norm="rmsnorm", final_norm="rmsnorm", residual=True, max_position_embeddings=32)
+TRAINED = {
+    "wq-identity": dict(removed="q"),
+    "figure-4": dict(removed="qp"),
+    "figure-4-parallel": dict(removed="qp", parallel_block=True),
+}
+SHAPE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    block_norm="rmsnorm",
+    final_norm="rmsnorm",
+    residual=True,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Each form trained 20 steps on a small corpus: {name: (run directory, losses before, after)}."""
+    from harness import write_corpus
+
     from mlx_skipless import data, train
     from mlx_skipless.models.skipless import Model, ModelArgs
-
-    from harness import write_corpus
 
     work = tmp_path_factory.mktemp("forms")
     text = write_corpus(work / "text")
     tok = data.train_tokenizer(data.read_texts(data.find_files([str(text)])), 300)
-    corpus = data.Corpus.build([str(text)], tok, 0.1)
+    corpus = data.TokenStreams.build([str(text)], tok, 0.1)
     runs = {}
     for name, form in TRAINED.items():
         args = ModelArgs(vocab_size=tok.get_vocab_size(), **SHAPE, **form)
         model = Model(args)
         train.initialize(model, seed=0, q_scale=0.1)
-        before = train.evaluate(model, corpus, 32)
-        state = train.train(model, args, tok, corpus, work / name, steps=20, batch_size=8, context=32,
-                            lr=3e-3, eval_every=20, save_every=20, progress=False, log=lambda *_: None)
+        before = train.validation_loss(model, corpus, 32)
+        options = train.TrainOptions(
+            steps=20, batch_size=8, context=32, lr=3e-3, eval_every=20, save_every=20, orthogonality=0.0
+        )
+        state = train.train(model, args, tok, corpus, work / name, options, progress=False, log=lambda *_: None)
         runs[name] = (work / name, before, state["history"][-1]["val_loss"], state["options"])
     return runs
 
@@ -110,20 +127,18 @@ def test_every_form_trains_with_the_residual_defaults(trained, name):
 
 
 def test_the_depth_scaling_is_for_stacks_without_skips():
-    from mlx_skipless import train
     from mlx_skipless.models.skipless import ModelArgs
 
     deep = dict(hidden_size=256, num_hidden_layers=8, intermediate_size=64, num_attention_heads=4, vocab_size=64)
-    assert train.hidden_lr_scale(ModelArgs(**deep)) == 0.5
-    assert train.hidden_lr_scale(ModelArgs(residual=True, block_norm="rmsnorm", **deep)) == 1.0
+    assert optimizers.hidden_lr_scale(ModelArgs(**deep)) == 0.5
+    assert optimizers.hidden_lr_scale(ModelArgs(residual=True, block_norm="rmsnorm", **deep)) == 1.0
 
 
 def run_cli(*argv, module="mlx_skipless.convert"):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -142,8 +157,9 @@ def test_a_trained_form_converts_verified_and_runs_under_stock_mlx_lm(trained, t
     v = config["conversion"]["verification"]
     assert v["float32"]["max_rel_error"] == 0.0 and not v["degraded"]
     assert ("quantization" in config) == quantize
-    text = run_cli("--model", out, "--trust-remote-code", "--prompt", "def", "--max-tokens", "5",
-                   module="mlx_lm.generate").stdout
+    text = run_cli(
+        "--model", out, "--trust-remote-code", "--prompt", "def", "--max-tokens", "5", module="mlx_lm.generate"
+    ).stdout
     assert "Generation: 5 tokens" in text or "Generation:" in text
 
 
@@ -159,16 +175,24 @@ def test_a_converted_form_serves_concurrent_requests_as_alone(trained, tmp_path)
 @pytest.mark.parametrize("name", TRAINED)
 def test_batch_generate_gives_each_prompt_its_tokens_alone(trained, name):
     from mlx_lm import batch_generate
+    from test_shaped_caches import assert_batch_equals_alone
 
     from mlx_skipless import load
-    from test_shaped_caches import assert_batch_equals_alone
 
     model, tokenizer = load(str(trained[name][0]))
     prompts = [tokenizer.encode(p) for p in ("def value(self", "import", "for name in items:")]
     max_tokens = [6, 3, 6]
-    result = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
-                            return_logprobs=True, prefill_step_size=4, prefill_batch_size=2,
-                            completion_batch_size=2)
+    result = batch_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_tokens=max_tokens,
+        return_token_ids=True,
+        return_logprobs=True,
+        prefill_step_size=4,
+        prefill_batch_size=2,
+        completion_batch_size=2,
+    )
     assert_batch_equals_alone(result, model, prompts, max_tokens)
 
 
@@ -177,8 +201,21 @@ def test_normfree_says_why_a_model_with_skips_has_no_norms_to_remove(trained, tm
     import sys
 
     run, *_ = trained["wq-identity"]
-    proc = subprocess.run([sys.executable, "-m", "mlx_skipless.normfree", "--model", str(run), "--mlx-path",
-                           str(tmp_path / "nf"), "--data", "stdlib/json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_skipless.normfree",
+            "--model",
+            str(run),
+            "--mlx-path",
+            str(tmp_path / "nf"),
+            "--data",
+            "stdlib/json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "residual adds" in proc.stderr and "convert" in proc.stderr
     assert not (tmp_path / "nf").exists()

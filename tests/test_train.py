@@ -1,29 +1,39 @@
 """Acceptance (issue 5): training, resuming, and norm removal on tiny models."""
 
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from harness import logits, rel_err, tokens
 from mlx.utils import tree_flatten
 
-from harness import logits, rel_err, tokens
-from mlx_skipless import data, diagnostics, modeldir, normfree, train
-from mlx_skipless.checkpoint import staged_directory
+from mlx_skipless import data, diagnostics, modeldir, normfree, optimizers, train
 from mlx_skipless.convert import convert
 from mlx_skipless.loading import load_model
 from mlx_skipless.models.skipless import Model, ModelArgs
+from mlx_skipless.output_dir import staged_directory
 
 CORPUS = [str(data.stdlib_path() / "json")]  # five files of real Python, on every machine
-TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-            block_norm="rmsnorm", final_norm="rmsnorm")
-RUN = dict(batch_size=8, context=32, lr=3e-3, eval_every=10, save_every=10, progress=False,
-           log=lambda *_: None)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    block_norm="rmsnorm",
+    final_norm="rmsnorm",
+)
+RUN = dict(batch_size=8, context=32, lr=3e-3, eval_every=10, save_every=10, orthogonality=0.0)
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def options(**kw):
+    """RUN's training options, `kw` where given."""
+    return train.TrainOptions(**{**RUN, **kw})
 
 
 @pytest.fixture(scope="module")
 def setup():
     tok = data.train_tokenizer(data.read_texts(data.find_files(CORPUS)), 300)
-    return tok, data.Corpus.build(CORPUS, tok)
+    return tok, data.TokenStreams.build(CORPUS, tok)
 
 
 def fresh(tok, **kw):
@@ -36,8 +46,8 @@ def fresh(tok, **kw):
 def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.evaluate(model, corpus, 32)
-    state = train.train(model, args, tok, corpus, tmp_path / "run", steps=30, **RUN)
+    before = train.validation_loss(model, corpus, 32)
+    state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=30), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.5
     loaded, _ = load_model(str(tmp_path / "run"))  # the checkpoint is a skipless model directory
     t = tokens(16, vocab=args.vocab_size)
@@ -48,17 +58,27 @@ def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
 def test_resume_continues_from_the_same_step(setup, tmp_path, layers):
     tok, corpus = setup
     straight, args = fresh(tok, num_hidden_layers=layers)
-    train.train(straight, args, tok, corpus, tmp_path / "straight", steps=20, **RUN)
+    train.train(straight, args, tok, corpus, tmp_path / "straight", options(steps=20), **QUIET)
 
     first, _ = fresh(tok, num_hidden_layers=layers)
     # stop after 10 of 20 steps: train to 10 with the 20-step schedule, as an interrupted run would
-    state = train.train(first, args, tok, corpus, tmp_path / "split", steps=20,
-                        **{**RUN, "save_every": 10}, stop_at=10)
+    state = train.train(
+        first, args, tok, corpus, tmp_path / "split", options(steps=20, save_every=10), **QUIET, stop_at=10
+    )
     assert state["step"] == 10
     model, args2, tok2, state = modeldir.read(tmp_path / "split")
     opt_state = modeldir.read_optimizer_state(tmp_path / "split")
-    state = train.train(model, args2, tok2, corpus, tmp_path / "split", steps=20, state=state,
-                        optimizer_state=opt_state, **RUN)
+    state = train.train(
+        model,
+        args2,
+        tok2,
+        corpus,
+        tmp_path / "split",
+        options(steps=20),
+        state=state,
+        optimizer_state=opt_state,
+        **QUIET,
+    )
     assert state["step"] == 20 and [h["step"] for h in state["history"]] == [10, 20]
     a = dict(tree_flatten(straight.parameters()))
     b = dict(tree_flatten(model.parameters()))
@@ -70,7 +90,7 @@ def test_orthogonality_keeps_q_well_conditioned(setup, tmp_path):
     conds = {}
     for weight in (0.0, 1.0):
         model, args = fresh(tok)
-        train.train(model, args, tok, corpus, tmp_path / f"o{weight}", steps=30, ortho=weight, **RUN)
+        train.train(model, args, tok, corpus, tmp_path / f"o{weight}", options(steps=30, orthogonality=weight), **QUIET)
         conds[weight] = max(np.linalg.cond(np.array(w)) for w in train.inverted_candidates(model))
     assert conds[1.0] < conds[0.0] / 2 and conds[1.0] < 2
 
@@ -79,10 +99,10 @@ def test_orthogonality_keeps_q_well_conditioned(setup, tmp_path):
 def test_normfree_removes_every_block_norm_exactly(setup, tmp_path, kind):
     tok, corpus = setup
     model, args = fresh(tok, block_norm=kind)
-    train.train(model, args, tok, corpus, tmp_path / "run", steps=20, **RUN)
-    folded, new_args, report = normfree.remove_norms(model, args, corpus, steps_per_norm=2,
-                                                     final_steps=4, context=32, batch_size=8,
-                                                     log=lambda *_: None)
+    train.train(model, args, tok, corpus, tmp_path / "run", options(steps=20), **QUIET)
+    folded, new_args, report = normfree.remove_norms(
+        model, args, corpus, steps_per_norm=2, final_steps=4, context=32, batch_size=8, log=lambda *_: None
+    )
     names = [k for k, _ in tree_flatten(folded.parameters())]
     assert not [k for k in names if "layers" in k and "norm" in k]
     assert new_args.block_norm is None and "model.norm.weight" in names
@@ -108,22 +128,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 
 
-@pytest.mark.parametrize("form", [
-    dict(removed=["qp", "qp"], block_norm=None),                      # a reduced form, trained directly
-    dict(removed=["qp", "qp"], residual=True, block_norm="layernorm"),  # Karbevski's W_Q = I block
-    dict(shaped_attention=True, parallel_block=True, removed=["q", "q"], block_norm=None),
-])
+@pytest.mark.parametrize(
+    "form",
+    [
+        dict(removed=["qp", "qp"], block_norm=None),  # a reduced form, trained directly
+        dict(removed=["qp", "qp"], residual=True, block_norm="layernorm"),  # Karbevski's W_Q = I block
+        dict(shaped_attention=True, parallel_block=True, removed=["q", "q"], block_norm=None),
+    ],
+)
 def test_reduced_and_norm_skip_forms_train_directly(setup, tmp_path, form):
     tok, corpus = setup
     model, args = fresh(tok, **form)
-    before = train.evaluate(model, corpus, 32)
-    state = train.train(model, args, tok, corpus, tmp_path / "run", steps=20, **RUN)
+    before = train.validation_loss(model, corpus, 32)
+    state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=20), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.3
 
 
 def test_block_learning_rate_shrinks_with_width_and_depth():
     base = dict(intermediate_size=64, num_attention_heads=4, vocab_size=300)
-    scale = lambda d, n: train.hidden_lr_scale(ModelArgs(hidden_size=d, num_hidden_layers=n, **base))
+    scale = lambda d, n: optimizers.hidden_lr_scale(ModelArgs(hidden_size=d, num_hidden_layers=n, **base))
     assert scale(64, 4) == scale(256, 4) == 1.0  # the demo and the test models train as before
     assert scale(512, 4) == scale(256, 8) == 0.5 and scale(512, 8) == 0.25
 
@@ -138,12 +161,18 @@ def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
     last_cos = lambda m: diagnostics.signal_propagation(m, x)[-1]["cos"]
     cos = {}
     for label, scale in (("scaled", None), ("flat", 1.0)):  # default: 4/16
-        model, args = fresh(tok, hidden_size=32, num_hidden_layers=16, intermediate_size=96,
-                            shaped_attention=True)
+        model, args = fresh(tok, hidden_size=32, num_hidden_layers=16, intermediate_size=96, shaped_attention=True)
         train.initialize(model, seed=0, q_scale=0.1)
         assert last_cos(model) < 0.1  # orthogonal init: no collapse to begin with
-        train.train(model, args, tok, corpus, tmp_path / label, steps=10, block_lr_scale=scale,
-                    **{**RUN, "lr": 1e-3, "eval_every": 10**6, "save_every": 10**6})
+        train.train(
+            model,
+            args,
+            tok,
+            corpus,
+            tmp_path / label,
+            options(steps=10, block_lr_scale=scale, lr=1e-3, eval_every=10**6, save_every=10**6),
+            **QUIET,
+        )
         cos[label] = last_cos(model)
     assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.14 and 0.82 (d 64: 0.10 and 0.87)
 
@@ -152,7 +181,7 @@ def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
 
 
 def test_wsd_schedule_holds_then_cools_to_zero_on_the_optimizers_step_type():
-    rate = train.schedule(1.0, 100, 5, "wsd", 0.2)
+    rate = optimizers.schedule(1.0, 100, 5, "wsd", 0.2)
     at = lambda step: rate(mx.array(step, mx.uint64)).item()  # noqa: E731 -- the optimizer's step dtype
     assert at(0) == pytest.approx(0.2) and at(5) == at(50) == at(80) == 1.0
     assert at(81) == pytest.approx(1 - 0.05**0.5) and at(100) == 0.0
@@ -163,9 +192,16 @@ def test_wsd_schedule_holds_then_cools_to_zero_on_the_optimizers_step_type():
 def test_every_optimizer_and_schedule_learns(setup, tmp_path, optimizer):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.evaluate(model, corpus, 32)
-    state = train.train(model, args, tok, corpus, tmp_path / "run", steps=30, **RUN, optimizer=optimizer,
-                        muon_lr=0.02, schedule_shape="wsd")
+    before = train.validation_loss(model, corpus, 32)
+    state = train.train(
+        model,
+        args,
+        tok,
+        corpus,
+        tmp_path / "run",
+        options(steps=30, optimizer=optimizer, muon_lr=0.02, schedule="wsd"),
+        **QUIET,
+    )
     assert state["history"][-1]["val_loss"] < before - 0.5
     assert state["options"]["optimizer"] == optimizer and state["options"]["schedule"] == "wsd"
 
@@ -174,17 +210,33 @@ def test_a_wsd_run_extends_from_its_last_constant_rate_step(setup, tmp_path):
     """The stable save resumed to more steps is the run trained to that many steps at once."""
     tok, corpus = setup
     straight, args = fresh(tok)
-    train.train(straight, args, tok, corpus, tmp_path / "long", steps=30, **RUN, schedule_shape="wsd",
-                cooldown=0.2)
+    train.train(
+        straight, args, tok, corpus, tmp_path / "long", options(steps=30, schedule="wsd", cooldown=0.2), **QUIET
+    )
     short, _ = fresh(tok)
-    state = train.train(short, args, tok, corpus, tmp_path / "short", steps=20, **RUN, schedule_shape="wsd",
-                        cooldown=0.3, stable_path=tmp_path / "stable")
+    state = train.train(
+        short,
+        args,
+        tok,
+        corpus,
+        tmp_path / "short",
+        options(steps=20, schedule="wsd", cooldown=0.3, stable_path=tmp_path / "stable"),
+        **QUIET,
+    )
     model, args2, tok2, state = modeldir.read(tmp_path / "stable")
     assert state["step"] == 14  # 20 - 0.3 * 20: the first cooldown step is the next one
     # 14 constant-rate steps at the 20-step run's rate are those of the 30-step run (cooldown 6 steps)
-    state = train.train(model, args2, tok2, corpus, tmp_path / "stable", steps=30, state=state,
-                        optimizer_state=modeldir.read_optimizer_state(tmp_path / "stable"),
-                        **RUN, schedule_shape="wsd", cooldown=0.2)
+    state = train.train(
+        model,
+        args2,
+        tok2,
+        corpus,
+        tmp_path / "stable",
+        options(steps=30, schedule="wsd", cooldown=0.2),
+        state=state,
+        optimizer_state=modeldir.read_optimizer_state(tmp_path / "stable"),
+        **QUIET,
+    )
     t = tokens(16, vocab=args.vocab_size)
     assert rel_err(logits(model, t), logits(straight, t)) < 1e-4
 
@@ -192,12 +244,13 @@ def test_a_wsd_run_extends_from_its_last_constant_rate_step(setup, tmp_path):
 def test_divergence_stops_before_a_save_replaces_the_good_one(setup, tmp_path):
     tok, corpus = setup
     model, args = fresh(tok)
-    train.train(model, args, tok, corpus, tmp_path / "run", steps=10, **RUN)
+    train.train(model, args, tok, corpus, tmp_path / "run", options(steps=10), **QUIET)
     good = (tmp_path / "run" / "model.safetensors").read_bytes()
     model, args, tok2, state = modeldir.read(tmp_path / "run")
     with pytest.raises(train.TrainingDiverged, match="step 1[1-9].*last good save \\(step 10\\)"):
-        train.train(model, args, tok2, corpus, tmp_path / "run", steps=20, state=state,
-                    **{**RUN, "lr": 1e6, "clip": 1e9})
+        train.train(
+            model, args, tok2, corpus, tmp_path / "run", options(steps=20, lr=1e6, clip=1e9), state=state, **QUIET
+        )
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
 
 
@@ -212,16 +265,61 @@ def test_data_parallel_equals_one_process(setup, tmp_path):
     tok, corpus = setup
     tok.save(str(tmp_path / "tokenizer.json"))
     model, args = fresh(tok)
-    train.train(model, args, tok, corpus, tmp_path / "one", steps=6, **{**RUN, "eval_every": 6, "save_every": 6},
-                optimizer="muon", schedule_shape="wsd")
+    train.train(
+        model,
+        args,
+        tok,
+        corpus,
+        tmp_path / "one",
+        options(steps=6, eval_every=6, save_every=6, optimizer="muon", schedule="wsd"),
+        **QUIET,
+    )
     worker = Path(__file__).parent / "workers" / "data_parallel.py"
     launch = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-    run = subprocess.run([launch, "--backend", "ring", "-n", "2", "--python", sys.executable, str(worker),
-                          str(tmp_path / "two"), CORPUS[0], str(tmp_path / "tokenizer.json")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            launch,
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--python",
+            sys.executable,
+            str(worker),
+            str(tmp_path / "two"),
+            CORPUS[0],
+            str(tmp_path / "tokenizer.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "two.world").read_text() == "2"
     two, _ = load_model(str(tmp_path / "two"))
     t = tokens(16, vocab=args.vocab_size)
     assert rel_err(logits(two, t), logits(model, t)) < 1e-4
     assert modeldir.training_state(tmp_path / "two")["step"] == 6
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_initial_logits_start_near_uniform(tied):
+    # A tied head scores the state against the embedding itself: with unit-variance rows the
+    # first loss was ~10 nats above ln(vocab) and a short run ended worse than guessing.
+    from harness import tiny_args
+
+    args = tiny_args(
+        hidden_size=64,
+        vocab_size=300,
+        tie_word_embeddings=tied,
+        position_embedding_type="learned",
+        final_norm="layernorm",
+        block_norm="layernorm",
+        shaped_attention=True,
+    )
+    model = Model(args)
+    train.initialize(model, seed=0, q_scale=0.1)
+    x = mx.array(np.random.default_rng(0).integers(0, 300, (4, 32)))
+    logp = model(x) - mx.logsumexp(model(x), axis=-1, keepdims=True)
+    loss = -mx.mean(mx.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)).item()
+    assert loss < np.log(300) + 1.5  # unit-variance tied rows started ~10 nats above

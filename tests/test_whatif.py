@@ -2,16 +2,15 @@
 
 import json
 
+import hf_checkpoints
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import hf_checkpoints
-
 from mlx_skipless import whatif
-from mlx_skipless.checkpoint import OutputDir
 from mlx_skipless.convert import convert
 from mlx_skipless.loading import load_model
+from mlx_skipless.output_dir import OutputDir
 
 D, HEADS, KV, HD, FFN, VOCAB, LAYERS = 64, 4, 2, 16, 96, 100, 2
 
@@ -22,10 +21,19 @@ def llama_cpp_permute(w, heads):
 
 
 def write_gguf(path, rng):
-    hf = {"token_embd.weight": rng.standard_normal((VOCAB, D)) * 0.02,
-          "output_norm.weight": 1 + 0.1 * rng.standard_normal(D)}
-    shapes = {"attn_q": (HEADS * HD, D), "attn_k": (KV * HD, D), "attn_v": (KV * HD, D),
-              "attn_output": (D, HEADS * HD), "ffn_gate": (FFN, D), "ffn_up": (FFN, D), "ffn_down": (D, FFN)}
+    hf = {
+        "token_embd.weight": rng.standard_normal((VOCAB, D)) * 0.02,
+        "output_norm.weight": 1 + 0.1 * rng.standard_normal(D),
+    }
+    shapes = {
+        "attn_q": (HEADS * HD, D),
+        "attn_k": (KV * HD, D),
+        "attn_v": (KV * HD, D),
+        "attn_output": (D, HEADS * HD),
+        "ffn_gate": (FFN, D),
+        "ffn_up": (FFN, D),
+        "ffn_down": (D, FFN),
+    }
     for i in range(LAYERS):
         for name, shape in shapes.items():
             hf[f"blk.{i}.{name}.weight"] = rng.standard_normal(shape) / np.sqrt(shape[1])
@@ -37,11 +45,15 @@ def write_gguf(path, rng):
         stored[f"blk.{i}.attn_k.weight"] = llama_cpp_permute(hf[f"blk.{i}.attn_k.weight"], KV)
     # mx.save_gguf writes no quantized tensors: the dequantizing path runs on the real GGUF only
     arrays = {k: mx.array(v.astype(np.float32)) for k, v in stored.items()}
-    meta = {"general.architecture": "llama", "llama.block_count": mx.array(LAYERS, mx.uint32),
-            "llama.embedding_length": mx.array(D, mx.uint32), "llama.feed_forward_length": mx.array(FFN, mx.uint32),
-            "llama.attention.head_count": mx.array(HEADS, mx.uint32),
-            "llama.attention.head_count_kv": mx.array(KV, mx.uint32),
-            "llama.rope.freq_base": mx.array(10000.0, mx.float32)}
+    meta = {
+        "general.architecture": "llama",
+        "llama.block_count": mx.array(LAYERS, mx.uint32),
+        "llama.embedding_length": mx.array(D, mx.uint32),
+        "llama.feed_forward_length": mx.array(FFN, mx.uint32),
+        "llama.attention.head_count": mx.array(HEADS, mx.uint32),
+        "llama.attention.head_count_kv": mx.array(KV, mx.uint32),
+        "llama.rope.freq_base": mx.array(10000.0, mx.float32),
+    }
     mx.save_gguf(str(path), arrays, meta)
     return hf
 
@@ -53,8 +65,9 @@ def test_whatif_folds_gains_restores_rope_order_and_keeps_activations_o1(tmp_pat
     gain = hf["blk.1.attn_norm.weight"]
     assert np.allclose(flat["model.layers.1.self_attn.q_proj.weight"], hf["blk.1.attn_q.weight"] * gain, atol=1e-6)
     assert np.allclose(flat["model.layers.1.self_attn.k_proj.weight"], hf["blk.1.attn_k.weight"] * gain, atol=1e-6)
-    assert np.allclose(flat["model.layers.0.mlp.up_proj.weight"],
-                       hf["blk.0.ffn_up.weight"] * hf["blk.0.ffn_norm.weight"], atol=1e-6)
+    assert np.allclose(
+        flat["model.layers.0.mlp.up_proj.weight"], hf["blk.0.ffn_up.weight"] * hf["blk.0.ffn_norm.weight"], atol=1e-6
+    )
     assert np.allclose(flat["lm_head.weight"], hf["token_embd.weight"] * hf["output_norm.weight"], atol=1e-6)
 
     whatif.rms_calibrate(args, flat)
@@ -70,14 +83,22 @@ def test_whatif_folds_gains_restores_rope_order_and_keeps_activations_o1(tmp_pat
 
     (tmp_path / "tokenizer").mkdir()
     hf_checkpoints.write_tokenizer(tmp_path / "tokenizer", VOCAB)  # a GGUF's tokenizer is not carried over
-    report = convert(str(out), str(tmp_path / "reduced"), dtype="float32", tokenizer=str(tmp_path / "tokenizer"),
-                     progress=False, log=lambda *_: None)
+    report = convert(
+        str(out),
+        str(tmp_path / "reduced"),
+        dtype="float32",
+        tokenizer=str(tmp_path / "tokenizer"),
+        progress=False,
+        log=lambda *_: None,
+    )
     assert report["verification"]["float32"]["max_rel_error"] < 1e-4
 
 
 def test_whatif_cli_errors_are_one_line(tmp_path, capsys):
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(1))
-    assert whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "o"), "--layers", "9"]) == 1
+    assert (
+        whatif.main(["--model", str(tmp_path / "tiny.gguf"), "--mlx-path", str(tmp_path / "o"), "--layers", "9"]) == 1
+    )
     assert "between 1 and 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -103,6 +124,8 @@ def test_a_malformed_or_non_finite_gguf_is_one_line_before_mlx_reads_it(tmp_path
     path.write_bytes(bytes(raw))
     assert whatif.main(["--model", str(path), "--mlx-path", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("non-finite" if damage == "nan" else "GGUF" if damage != "truncated"
-                                     else "truncated") in err
+    assert (
+        err.count("\n") == 1
+        and ("non-finite" if damage == "nan" else "GGUF" if damage != "truncated" else "truncated") in err
+    )
     assert not (tmp_path / "o").exists()

@@ -78,9 +78,14 @@ def test_every_recipe_runs_tiny_end_to_end(recipe, tmp_path, capsys):
     check_tiny_run(paths, capsys.readouterr().out, keeps_skips=model.get("residual", False))
 
 
-@pytest.mark.parametrize("name,letters,fraction", [("wq-identity-python", ["Q"], 0.059),
-                                                   ("figure4-python", ["Q", "P"], 0.118),
-                                                   ("figure4-parallel-python", ["Q", "P"], 0.118)])
+@pytest.mark.parametrize(
+    "name,letters,fraction",
+    [
+        ("wq-identity-python", ["Q"], 0.059),
+        ("figure4-python", ["Q", "P"], 0.118),
+        ("figure4-parallel-python", ["Q", "P"], 0.118),
+    ],
+)
 def test_forms_are_priced_against_their_standard_twin(name, letters, fraction, capsys):
     s = show_json(name, capsys)
     f = s["form"]

@@ -11,15 +11,32 @@ from mlx_skipless import data, train
 from mlx_skipless.models.skipless import Model, ModelArgs
 
 out, text, tokenizer = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-tok = data.load_tokenizer(tokenizer)
-corpus = data.Corpus.build([text], tok, log=lambda *_: None)
-args = ModelArgs(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-                 block_norm="rmsnorm", final_norm="rmsnorm", vocab_size=tok.get_vocab_size(),
-                 max_position_embeddings=32)
+tok = data.read_tokenizer_json(tokenizer)
+corpus = data.TokenStreams.build([text], tok, log=lambda *_: None)
+args = ModelArgs(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    block_norm="rmsnorm",
+    final_norm="rmsnorm",
+    vocab_size=tok.get_vocab_size(),
+    max_position_embeddings=32,
+)
 model = Model(args)
 train.initialize(model, seed=0)
-train.train(model, args, tok, corpus, out, steps=6, batch_size=8, context=32, lr=3e-3, eval_every=6,
-            save_every=6, progress=False, log=lambda *_: None, optimizer="muon", schedule_shape="wsd")
+options = train.TrainOptions(
+    steps=6,
+    batch_size=8,
+    context=32,
+    lr=3e-3,
+    orthogonality=0.0,
+    eval_every=6,
+    save_every=6,
+    optimizer="muon",
+    schedule="wsd",
+)
+train.train(model, args, tok, corpus, out, options, progress=False, log=lambda *_: None)
 group = mx.distributed.init()
 if group.rank() == 0:
     out.with_suffix(".world").write_text(str(group.size()))

@@ -16,8 +16,9 @@ for i, model_dir in enumerate(sys.argv[2:]):
     tokens = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (2, 12)))
     full = model(tokens)
     cache = make_prompt_cache(model)
-    cached = mx.concatenate([model(tokens[:, :5], cache=cache)]
-                            + [model(tokens[:, t : t + 1], cache=cache) for t in range(5, 12)], axis=1)
+    cached = mx.concatenate(
+        [model(tokens[:, :5], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in range(5, 12)], axis=1
+    )
     logits = np.stack([np.array(x.astype(mx.float32)) for x in (full, cached)])
     if mx.distributed.init().rank() == 0:
         np.save(Path(sys.argv[1]) / f"{i}.npy", logits)

@@ -4,9 +4,9 @@ gives the logits of a full forward pass, for every block form."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from harness import build, logits, rel_err, tiny_args, tokens
 from mlx_lm.models.cache import make_prompt_cache
 
-from harness import build, logits, rel_err, tiny_args, tokens
 from mlx_skipless import synthetic
 
 FORMS = {
@@ -16,8 +16,14 @@ FORMS = {
 CASES = [(lay, form) for lay, forms in FORMS.items() for form in forms]
 VARIANTS = {
     "glu-rope": dict(),
-    "mlp-learned-bias": dict(mlp_type="mlp", hidden_act="gelu_new", position_embedding_type="learned",
-                             attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "mlp-learned-bias": dict(
+        mlp_type="mlp",
+        hidden_act="gelu_new",
+        position_embedding_type="learned",
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
     "moe-partial": dict(num_local_experts=3, num_experts_per_tok=2, partial_rotary_factor=0.5),
     "norms-residual": dict(block_norm="layernorm", residual=True, final_norm="layernorm"),
     "shaped-norms": dict(shaped_attention=True, block_norm="rmsnorm"),

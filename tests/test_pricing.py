@@ -3,26 +3,37 @@ and its conversion in one table of bits per byte (as mlx_skipless.evaluate score
 and decode tokens/s. Timings are not asserted."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from harness import build, tiny_args
 
-from harness import build, load_script, tiny_args
-from mlx_skipless import data, evaluate, modeldir, synthetic
+from mlx_skipless import comparisons, counting, data, evaluate, modeldir, synthetic
 from mlx_skipless.convert import convert
+from mlx_skipless.models.skipless import ModelArgs
 
-TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
-         "class Stack:\n    def __init__(self):\n        self.items = []\n"]
+TEXTS = [
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+]
 
 
-def script():
-    return load_script("price_of_skiplessness")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "price_of_skiplessness.py"
 
 
-def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
+def script(*argv):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True, text=True)
+
+
+def test_one_table_for_residual_skipless_and_converted(tmp_path):
     tok = data.train_tokenizer(TEXTS * 4, 280)
     runs = {}
-    for label, kw in {"residual": dict(residual=True, block_norm="rmsnorm"),
-                      "skipless": dict(shaped_attention=True)}.items():
+    for label, kw in {
+        "residual": dict(residual=True, block_norm="rmsnorm"),
+        "skipless": dict(shaped_attention=True),
+    }.items():
         args = tiny_args(vocab_size=tok.get_vocab_size(), max_position_embeddings=32, final_norm="rmsnorm", **kw)
         model = build(args, synthetic.random_flat(args, seed=1))
         (tmp_path / label).mkdir()
@@ -37,15 +48,29 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
     for i, t in enumerate(TEXTS):
         (held / f"f{i}.py").write_text(t)
 
-    argv = [f"{k}={v}" for k, v in runs.items()] + ["--data", str(held), "--steps", "3", "--warmup", "1",
-                                                     "--json", "--markdown", str(tmp_path / "t.md")]
-    assert script().main(argv) == 0
-    result = json.loads(capsys.readouterr().out)
+    argv = [f"{k}={v}" for k, v in runs.items()] + [
+        "--data",
+        str(held),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        "--markdown",
+        str(tmp_path / "t.md"),
+    ]
+    run = script(*argv)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
     rows = {r["label"]: r for r in result["rows"]}
-    assert [r["form"] for r in result["rows"]] == ["residual, pre-norm", "skipless, norm-free",
-                                                    "converted, bfloat16", "converted, 4-bit"]
+    assert [r["form"] for r in result["rows"]] == [
+        "residual, pre-norm",
+        "skipless, norm-free",
+        "converted, bfloat16",
+        "converted, 4-bit",
+    ]
     model, tok2, context = evaluate.load(str(runs["residual"]))
-    expected = evaluate.evaluate(model, tok2, data.read_texts(sorted(held.glob("*.py"))), context)
+    expected = evaluate.bits_per_byte(model, tok2, data.read_texts(sorted(held.glob("*.py"))), context)
     assert rows["residual"]["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
     assert rows["bf16"]["bits_per_byte"] == pytest.approx(rows["skipless"]["bits_per_byte"], rel=0.05)
     assert rows["q4"]["parameters"] == rows["bf16"]["parameters"] < rows["skipless"]["parameters"]  # no Q, P
@@ -55,19 +80,14 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| bf16 | converted, bfloat16 |" in table and "| xz -9e | compressor |" in table
 
-    with pytest.raises(SystemExit):  # argparse: LABEL=DIR expected
-        script().main(["residual", "--data", str(held)])
-    assert script().main([f"x={tmp_path / 'missing'}", "--data", str(held)]) == 1
+    assert script("residual", "--data", held).returncode == 2  # argparse: LABEL=DIR expected
+    assert script(f"x={tmp_path / 'missing'}", "--data", held).returncode == 1
 
 
 def test_the_equal_cost_form_spends_the_saved_bytes_on_ffn_width():
-    from harness import load_script
-    from mlx_skipless import counting
-    from mlx_skipless.models.skipless import ModelArgs
-
-    forms = load_script("price_of_forms")
     read = lambda cfg: counting.count(ModelArgs(**cfg))["read_per_token"]  # noqa: E731
-    standard, wide = forms.config("256x4", "standard", 2048), forms.config("256x4", "figure-4-wide", 2048)
+    config = comparisons.form_config
+    standard, wide = config("256x4", "standard", 2048), config("256x4", "figure-4-wide", 2048)
     assert wide["intermediate_size"] > standard["intermediate_size"] and wide["removed"] == "qp"
     assert read(wide) <= read(standard) < read({**wide, "intermediate_size": wide["intermediate_size"] + 32})
-    assert forms.config("256x4", "wq-identity", 2048)["attention_scale"] == 1 / 16  # 1 / (2 sqrt(64))
+    assert config("256x4", "wq-identity", 2048)["attention_scale"] == 1 / 16  # 1 / (2 sqrt(64))

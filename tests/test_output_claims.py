@@ -7,17 +7,21 @@ import math
 import shutil
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 import hf_checkpoints as hf
+import pytest
 from harness import write_corpus
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from mlx_skipless import cli, convert, corpus, normfree, train, zoo
 
 # What a user keeps around and inside an output: a model-looking file, a note in training/,
 # folders that resemble our leftovers, another tool's model directory.
-INSIDE = {"model-fp32-backup.safetensors": b"\0" * 64, "training/notes.txt": b"my notes",
-          "model.json/weights.bin": b"tfjs"}
+INSIDE = {
+    "model-fp32-backup.safetensors": b"\0" * 64,
+    "training/notes.txt": b"my notes",
+    "model.json/weights.bin": b"tfjs",
+}
 AROUND = (".out.old-v1", ".out.partial-draft", ".out.partial-123", "model.json")
 
 
@@ -31,8 +35,9 @@ def plant(out: Path, inside: dict):
 
 
 def survived(out: Path, inside: dict) -> bool:
-    return (all((out.parent / n / "keep").read_bytes() == b"keep" for n in AROUND)
-            and all((out / n).read_bytes() == body for n, body in inside.items()))
+    return all((out.parent / n / "keep").read_bytes() == b"keep" for n in AROUND) and all(
+        (out / n).read_bytes() == body for n, body in inside.items()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +48,43 @@ def work(tmp_path_factory):
     ckpt = hf.write(root / "ckpt", "llama", args, flat)
     text = write_corpus(root / "text")
     config = root / "tiny.json"
-    config.write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                                      num_attention_heads=4, block_norm="rmsnorm", final_norm="rmsnorm",
-                                      shaped_attention=True)))
+    config.write_text(
+        json.dumps(
+            dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                intermediate_size=64,
+                num_attention_heads=4,
+                block_norm="rmsnorm",
+                final_norm="rmsnorm",
+                shaped_attention=True,
+            )
+        )
+    )
     run = root / "run"
-    assert train.main(["--config", str(config), "--data", str(text), "--mlx-path", str(run), "--steps", "2",
-                       "--batch-size", "2", "--context", "16", "--vocab-size", "300", "--eval-every", "2"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                str(config),
+                "--data",
+                str(text),
+                "--mlx-path",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--context",
+                "16",
+                "--vocab-size",
+                "300",
+                "--eval-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     return {"ckpt": ckpt, "text": text, "config": config, "run": run}
 
 
@@ -56,12 +92,31 @@ def commands(work, out):
     """(name, main, argv) of every command that writes `out`, with the flags that replace or continue."""
     return [
         ("convert --force", convert.main, ["--hf-path", str(work["ckpt"]), "--mlx-path", str(out), "--force"]),
-        ("normfree --force", normfree.main, ["--model", str(work["run"]), "--mlx-path", str(out), "--force",
-                                             "--data", str(work["text"]), "--steps-per-norm", "0",
-                                             "--final-steps", "0", "--batch-size", "2"]),
+        (
+            "normfree --force",
+            normfree.main,
+            [
+                "--model",
+                str(work["run"]),
+                "--mlx-path",
+                str(out),
+                "--force",
+                "--data",
+                str(work["text"]),
+                "--steps-per-norm",
+                "0",
+                "--final-steps",
+                "0",
+                "--batch-size",
+                "2",
+            ],
+        ),
         ("train --resume", train.main, ["--mlx-path", str(out), "--resume", "--steps", "3"]),
-        ("train (new)", train.main, ["--config", str(work["config"]), "--data", str(work["text"]),
-                                     "--mlx-path", str(out), "--steps", "2"]),
+        (
+            "train (new)",
+            train.main,
+            ["--config", str(work["config"]), "--data", str(work["text"]), "--mlx-path", str(out), "--steps", "2"],
+        ),
         ("zoo run --force", zoo.main, ["run", "skipless-python", "--out", str(out), "--force"]),
         ("zoo run --resume", zoo.main, ["run", "skipless-python", "--out", str(out), "--resume"]),
         ("corpus --force", corpus.main, ["--out", str(out), "--force", "--offline", "--wheels", str(out.parent)]),
@@ -113,10 +168,17 @@ def test_corpus_refuses_the_current_directory_and_a_foreign_one(tmp_path, capsys
 # -- numbers -------------------------------------------------------------------------------------
 
 PARSERS = {name: cli.check_numbers(parser) for name, parser in cli.parsers()}
-NUMERIC = [(name, action) for name, parser in PARSERS.items() for action in parser._actions
-           if getattr(action.type, "__name__", "") in ("int", "float")]
-BAD = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "0x10", "1e-400"]),
-                st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10**30, 10**30).map(str))
+NUMERIC = [
+    (name, action)
+    for name, parser in PARSERS.items()
+    for action in parser._actions
+    if getattr(action.type, "__name__", "") in ("int", "float")
+]
+BAD = st.one_of(
+    st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "0x10", "1e-400"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(10**30), 10**30).map(str),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -140,9 +202,10 @@ def test_a_bad_number_is_one_line_from_the_command_line(capsys):
 
 
 def test_whatif_force_keeps_what_it_did_not_write(tmp_path, capsys):
-    from mlx_skipless import whatif
-    from test_whatif import write_gguf
     import numpy as np
+    from test_whatif import write_gguf
+
+    from mlx_skipless import whatif
 
     write_gguf(tmp_path / "tiny.gguf", np.random.default_rng(0))
     out = tmp_path / "out"
@@ -162,8 +225,9 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(work, tmp_path, capsys
     big = tmp_path / "big"
     big.mkdir()
     hf.write_tokenizer(big, 10_000)
-    assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(tmp_path / "o"),
-                         "--tokenizer", str(big)]) == 1
+    assert (
+        convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(tmp_path / "o"), "--tokenizer", str(big)]) == 1
+    )
     assert "token ids but the model's embedding only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert convert.main(["--hf-path", str(work["ckpt"]), "--mlx-path", str(tmp_path / "ok")]) == 0
@@ -195,11 +259,21 @@ def test_evaluating_nothing_is_an_error_not_zero_bits(work, tmp_path, capsys):
     assert "nothing to score" in capsys.readouterr().err
 
 
-def test_convert_stays_callable_and_records_no_local_path(work, tmp_path):
-    import mlx_skipless
-    import mlx_skipless.convert  # noqa: F401 -- binds the module to the package attribute
+def test_convert_runs_as_a_module_and_as_the_documented_call_and_records_no_local_path(work, tmp_path):
+    import subprocess
+    import sys
 
-    report = mlx_skipless.convert(str(work["ckpt"]), str(tmp_path / "o"), progress=False, log=lambda *_: None)
+    import mlx_skipless
+    import mlx_skipless.convert  # the package's convert_checkpoint stays the function after this import
+
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_skipless.convert", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "--hf-path" in run.stdout, run.stderr
+    assert mlx_skipless.convert_checkpoint is mlx_skipless.convert.convert
+    report = mlx_skipless.convert_checkpoint(
+        str(work["ckpt"]), str(tmp_path / "o"), progress=False, log=lambda *_: None
+    )
     assert report["source"] == work["ckpt"].name
     assert str(tmp_path) not in (tmp_path / "o" / "config.json").read_text()
     assert str(work["ckpt"].parent) not in (tmp_path / "o" / "README.md").read_text()

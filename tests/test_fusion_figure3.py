@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-
 from harness import build, logits, rel_err, tiny_args, tokens
+
 from mlx_skipless import fusion, layout, synthetic
 from mlx_skipless.fusion import Affine
 
@@ -44,8 +44,9 @@ def best_figure3(args, flat):
 
 
 def setup(heads):
-    args = tiny_args(hidden_size=16, num_attention_heads=heads, parallel_block=True,
-                     mlp_type="mlp", hidden_act="gelu", vocab_size=32)
+    args = tiny_args(
+        hidden_size=16, num_attention_heads=heads, parallel_block=True, mlp_type="mlp", hidden_act="gelu", vocab_size=32
+    )
     flat = synthetic.random_flat(args, seed=7)
     return args, flat
 
@@ -61,8 +62,7 @@ def test_multi_head_figure3_cannot_reproduce_a_vanilla_parallel_model():
     args, flat = setup(heads=4)
     fig3, fig3_flat = best_figure3(args, flat)
     vanilla, model = build(args, flat), build(fig3, fig3_flat)
-    batch, held_out = (mx.array(np.random.default_rng(s).integers(0, args.vocab_size, (64, 8)))
-                       for s in (1, 2))
+    batch, held_out = (mx.array(np.random.default_rng(s).integers(0, args.vocab_size, (64, 8))) for s in (1, 2))
     target = vanilla(batch)
 
     def loss_fn(m):
@@ -83,8 +83,10 @@ def test_multi_head_figure3_cannot_reproduce_a_vanilla_parallel_model():
     # The exact form (one matrix per block removed) is at float32 rounding.
     exact, _, _ = fusion.fuse(layout.weights_from_flat(flat, args), args, ["q", "q"])
     exact_args = fusion.reduced_args(args, ["q", "q"])
-    exact_err = rel_err(logits(build(exact_args, layout.weights_to_flat(exact, exact_args)), tokens(8, 32)),
-                        logits(vanilla, tokens(8, 32)))
+    exact_err = rel_err(
+        logits(build(exact_args, layout.weights_to_flat(exact, exact_args)), tokens(8, 32)),
+        logits(vanilla, tokens(8, 32)),
+    )
     assert exact_err < 1e-5
-    print(f'figure 3 held-out relative logit error: {start:.3f} constructed, {end:.3f} fitted')
+    print(f"figure 3 held-out relative logit error: {start:.3f} constructed, {end:.3f} fitted")
     assert start > 0.05 and end > 0.05, (start, end)

@@ -16,18 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import hf_checkpoints as hf
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import hf_checkpoints as hf
 import reference
 from harness import logits, on_screen, rel_err, tokens
-from mlx_skipless import checkpoint, convert as convert_module, layout, verify
-from mlx_skipless.checkpoint import CheckpointError, TensorSource
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlx_skipless import convert as convert_module
+from mlx_skipless import layout, safetensors_reader, verify
 from mlx_skipless.convert import convert
+from mlx_skipless.errors import CheckpointError
 from mlx_skipless.loading import load_model
+from mlx_skipless.safetensors_reader import TensorSource
 
 
 def quiet(**kw):
@@ -69,9 +72,14 @@ def matches_reference(out, args, flat):
 # -- 2: booleans given as strings ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,field,value", [("skipless", "parallel_block", "false"),
-                                                 ("llama", "tie_word_embeddings", "no"),
-                                                 ("gpt_neox", "use_parallel_residual", "false")])
+@pytest.mark.parametrize(
+    "family,field,value",
+    [
+        ("skipless", "parallel_block", "false"),
+        ("llama", "tie_word_embeddings", "no"),
+        ("gpt_neox", "use_parallel_residual", "false"),
+    ],
+)
 def test_string_booleans_are_refused_naming_the_field(tmp_path, capsys, family, field, value):
     src, _, _ = write(tmp_path, family)
     edit_config(src, **{field: value})
@@ -115,9 +123,14 @@ def test_a_nan_figure_is_a_failure():
 # -- 4: non-finite weights, named -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value", [("model.embed_tokens.weight", np.nan),
-                                       ("model.layers.1.self_attn.q_proj.weight", np.inf),
-                                       ("lm_head.weight", -np.inf)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model.embed_tokens.weight", np.nan),
+        ("model.layers.1.self_attn.q_proj.weight", np.inf),
+        ("lm_head.weight", -np.inf),
+    ],
+)
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys, key, value):
     args, flat = hf.case("llama")
     flat[key] = flat[key].copy()
@@ -129,10 +142,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys, key,
 # -- 5: quantization flags ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group,bits,match", [(7, 4, "divides none of this model's matrix input widths"),
-                                              (0, 4, "--q-group-size must be a positive integer"),
-                                              (16, 4, "group size 16 is not supported"),
-                                              (32, 7, "bits 7 is not supported")])
+@pytest.mark.parametrize(
+    "group,bits,match",
+    [
+        (7, 4, "divides none of this model's matrix input widths"),
+        (0, 4, "--q-group-size must be a positive integer"),
+        (16, 4, "group size 16 is not supported"),
+        (32, 7, "bits 7 is not supported"),
+    ],
+)
 def test_quantization_flags_mlx_cannot_honour_are_refused(tmp_path, capsys, group, bits, match):
     src, _, _ = write(tmp_path, "llama")
     refused(tmp_path, src, match, capsys, quantize=True, q_group_size=group, q_bits=bits)
@@ -186,12 +204,18 @@ CONFIGS = {
     "layers_float": ({"num_hidden_layers": 1e6}, "'num_hidden_layers' must be a positive integer"),
     "model_type": ({"model_type": ["llama"]}, "'model_type' must be a string"),
     "rope_scaling": ({"rope_scaling": {"rope_type": "bogus"}}, "does not describe a model: Unsupported RoPE type"),
-    "rope_factor": ({"rope_parameters": {"rope_type": "linear", "factor": "abc"}},
-                    "config.json's 'rope_parameters.factor' must be a positive finite number, not \"abc\"$"),
-    "rope_beta": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": None}},
-                  "config.json's 'rope_scaling.beta_fast' must be a finite number, not null$"),
-    "rope_no_factor": ({"rope_scaling": {"type": "linear"}},
-                       "config.json's 'rope_scaling.factor' is missing: RoPE type 'linear' needs it$"),
+    "rope_factor": (
+        {"rope_parameters": {"rope_type": "linear", "factor": "abc"}},
+        "config.json's 'rope_parameters.factor' must be a positive finite number, not \"abc\"$",
+    ),
+    "rope_beta": (
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": None}},
+        "config.json's 'rope_scaling.beta_fast' must be a finite number, not null$",
+    ),
+    "rope_no_factor": (
+        {"rope_scaling": {"type": "linear"}},
+        "config.json's 'rope_scaling.factor' is missing: RoPE type 'linear' needs it$",
+    ),
     "too_wide": ({"vocab_size": 10**12}, "does not describe a model: .*outside the supported"),
 }
 
@@ -204,10 +228,15 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys, case):
     refused(tmp_path, src, match, capsys)
 
 
-@pytest.mark.parametrize("content,match", [("[1, 2]", "must hold a JSON object, not a list"),
-                                           ("[" * 100000 + "]" * 100000, "nested too deeply"),
-                                           (None, "config.json is not a regular file")],
-                         ids=["list", "nested", "directory"])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        (None, "config.json is not a regular file"),
+    ],
+    ids=["list", "nested", "directory"],
+)
 def test_a_config_that_is_not_an_object_is_refused(tmp_path, capsys, content, match):
     src, _, _ = write(tmp_path, "llama")
     (src / "config.json").unlink()
@@ -249,8 +278,12 @@ def test_a_fifo_is_not_read(tmp_path):
     out = tmp_path / "out"
     # A child process: a reader blocked opening the FIFO holds the GIL, so only a
     # timeout from outside ends it.
-    run = subprocess.run([sys.executable, "-m", "mlx_skipless.convert", "--hf-path", str(src),
-                          "--mlx-path", str(out)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_skipless.convert", "--hf-path", str(src), "--mlx-path", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1
     assert run.stderr.startswith("error: ") and "model.safetensors is not a regular file" in run.stderr
     assert not out.exists()
@@ -262,8 +295,8 @@ def test_a_fifo_is_not_read(tmp_path):
 def test_each_header_is_parsed_once(tmp_path, monkeypatch):
     src, _, flat = write(tmp_path, "llama", shards=3)
     parsed = []
-    real = checkpoint.read_header
-    monkeypatch.setattr(checkpoint, "read_header", lambda f: parsed.append(f.name) or real(f))
+    real = safetensors_reader.read_header
+    monkeypatch.setattr(safetensors_reader, "read_header", lambda f: parsed.append(f.name) or real(f))
     source = TensorSource(src)
     for key in source.keys():
         source.numpy(key)
@@ -296,7 +329,7 @@ def corrupt(src: Path, data) -> str:
     key = data.draw(st.sampled_from(sorted(tensors)))
     if how == "truncate":
         raw = f.read_bytes()
-        f.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
+        f.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
     elif how == "flip":
         raw = bytearray(f.read_bytes())
         i = data.draw(st.integers(0, header_length(f) - 1))

@@ -8,10 +8,11 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import reference
 from harness import build, fused_model, logits, rel_err, tiny_args, tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from mlx_skipless import fusion, layout, linalg, synthetic
 
 TOL = 1e-5
@@ -27,14 +28,20 @@ POSITIONS = {
     "learned": dict(position_embedding_type="learned"),
     "none": dict(position_embedding_type="none"),
 }
-GRID = list(itertools.product("qkv", ATTENTION, ("serial", "parallel"), FFN, POSITIONS,
-                              (True, False), (True, False)))
+GRID = list(itertools.product("qkv", ATTENTION, ("serial", "parallel"), FFN, POSITIONS, (True, False), (True, False)))
 
 
 def config(attention, layout_, ffn, positions, bias, tied, **kw):
-    return tiny_args(num_key_value_heads=ATTENTION[attention], parallel_block=layout_ == "parallel",
-                     attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
-                     **FFN[ffn], **POSITIONS[positions], **kw)
+    return tiny_args(
+        num_key_value_heads=ATTENTION[attention],
+        parallel_block=layout_ == "parallel",
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=tied,
+        **FFN[ffn],
+        **POSITIONS[positions],
+        **kw,
+    )
 
 
 def check_exact(args, plan, seed=0):
@@ -50,8 +57,9 @@ def check_exact(args, plan, seed=0):
     return reduced
 
 
-@pytest.mark.parametrize("remove,attention,layout_,ffn,positions,bias,tied", GRID,
-                         ids=["-".join(map(str, case)) for case in GRID])
+@pytest.mark.parametrize(
+    "remove,attention,layout_,ffn,positions,bias,tied", GRID, ids=["-".join(map(str, case)) for case in GRID]
+)
 def test_reduced_equals_vanilla_and_float64_reference(remove, attention, layout_, ffn, positions, bias, tied):
     args = config(attention, layout_, ffn, positions, bias, tied)
     plan = fusion.default_plan(args, remove)
@@ -88,18 +96,25 @@ def configs(draw):
     ffn = dict(draw(st.sampled_from(list(FFN.values()))))
     ffn["hidden_act"] = draw(st.sampled_from(["gelu", "gelu_new", "silu", "relu"]))
     kw = dict(
-        hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
-        num_hidden_layers=draw(st.integers(1, 3)), intermediate_size=draw(st.sampled_from([16, 40])),
-        parallel_block=parallel, attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
-        tie_word_embeddings=draw(st.booleans()), shaped_attention=draw(st.booleans()),
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        num_hidden_layers=draw(st.integers(1, 3)),
+        intermediate_size=draw(st.sampled_from([16, 40])),
+        parallel_block=parallel,
+        attention_bias=draw(st.booleans()),
+        mlp_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()),
+        shaped_attention=draw(st.booleans()),
         final_norm=draw(st.sampled_from([None, "rmsnorm", "layernorm"])),
-        **ffn, **draw(st.sampled_from(list(POSITIONS.values()))),
+        **ffn,
+        **draw(st.sampled_from(list(POSITIONS.values()))),
     )
     args = tiny_args(**kw)
     # A per-layer plan: each layer removes a legal square matrix, or keeps it.
     legal = [""] + [n for n, w in (("q", heads), ("k", kv), ("v", kv)) if w * head_dim == d]
-    bases = draw(st.lists(st.sampled_from(legal), min_size=args.num_hidden_layers,
-                          max_size=args.num_hidden_layers))
+    bases = draw(st.lists(st.sampled_from(legal), min_size=args.num_hidden_layers, max_size=args.num_hidden_layers))
     plan = [b + ("p" if fusion.merges_p(args) else "") for b in bases]
     return args, plan, draw(st.integers(0, 2**16))
 
@@ -191,8 +206,11 @@ def test_float32_products_stay_near_the_float64_fusion(engine, bias):
     flat = synthetic.random_flat(args)
     w = layout.weights_from_flat(flat, args)
     exact, _, _ = fusion.fuse(w, args, ["qp"] * 3)
-    products = {"float32": fusion.Products(np.float32), "float64": fusion.Products(np.float64),
-                "float32 by MLX": fusion.Products(np.float32, mlx_matmul)}[engine]
+    products = {
+        "float32": fusion.Products(np.float32),
+        "float64": fusion.Products(np.float64),
+        "float32 by MLX": fusion.Products(np.float32, mlx_matmul),
+    }[engine]
     fast, _, _ = fusion.fuse(w, args, ["qp"] * 3, products)
     tol = 1e-12 if engine == "float64" else 1e-5
     for a, b in zip(layout.weights_to_flat(fast, args).values(), layout.weights_to_flat(exact, args).values()):
@@ -203,8 +221,10 @@ def test_fusion_maths_runs_without_mlx():
     import subprocess
     import sys
 
-    code = ("import sys, mlx_skipless.fusion; "
-            "assert not [m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')], 'mlx imported'")
+    code = (
+        "import sys, mlx_skipless.fusion; "
+        "assert not [m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')], 'mlx imported'"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 

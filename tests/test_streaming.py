@@ -1,24 +1,21 @@
 """Conversion streams: memory follows one block, not the model, so checkpoints larger than RAM
 convert (the figures at scale are in the README); and the writer never needs the model twice on disk."""
 
-import sys
 import tracemalloc
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_skipless.checkpoint import ShardWriter
 from mlx_skipless.convert import convert
 from mlx_skipless.models.skipless import ModelArgs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_checkpoint import LLAMA, write_checkpoint  # noqa: E402
+from mlx_skipless.shards import ShardWriter
+from mlx_skipless.synthetic import LLAMA, write_checkpoint
 
 # Narrow and wide, like the over-ram preset: the FFN dominates a block, so holding blocks shows.
-SHAPE = dict(hidden_size=64, intermediate_size=4096, num_attention_heads=2, num_key_value_heads=1,
-             vocab_size=256, **LLAMA)
+SHAPE = dict(
+    hidden_size=64, intermediate_size=4096, num_attention_heads=2, num_key_value_heads=1, vocab_size=256, **LLAMA
+)
 
 
 def peak_bytes(tmp_path, layers: int) -> int:
@@ -29,8 +26,14 @@ def peak_bytes(tmp_path, layers: int) -> int:
     mx.reset_peak_memory()
     tracemalloc.start()
     try:
-        convert(str(src), str(tmp_path / f"out-{layers}"), dtype="bfloat16", verify_output=False,
-                progress=False, log=lambda *a: None)
+        convert(
+            str(src),
+            str(tmp_path / f"out-{layers}"),
+            dtype="bfloat16",
+            verify_output=False,
+            progress=False,
+            log=lambda *a: None,
+        )
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -18,8 +18,22 @@ def bench(*args, cwd):
 
 
 def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_path):
-    out = json.loads(bench("--preset", "tiny", "--dtypes", "float32", "--steps", "2", "--warmup", "1",
-                           "--prompt", "4", "--json", cwd=tmp_path))
+    out = json.loads(
+        bench(
+            "--preset",
+            "tiny",
+            "--dtypes",
+            "float32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--prompt",
+            "4",
+            "--json",
+            cwd=tmp_path,
+        )
+    )
     (r,) = out["results"]
     d, layers = 256, 2  # preset tiny
     wb, br = r["weight_bytes"], r["bytes_read_per_token"]
@@ -39,41 +53,67 @@ def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_pat
     assert [row.split("|")[2].strip() for row in rows] == ["float32", "4bit"]
 
     (tmp_path / "c.json").write_text(json.dumps(dict(out, machine="elsewhere")))
-    run = subprocess.run([sys.executable, str(SCRIPT), "--load", "a.json", "c.json"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--load", "a.json", "c.json"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert run.returncode != 0 and "different machines" in run.stderr
 
 
 def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
     script = SCRIPT.parent / "bench_convert.py"
-    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--layers", "1", "2", "--no-mlx-lm",
-                          "--json", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--preset",
+            "tiny",
+            "--layers",
+            "1",
+            "2",
+            "--no-mlx-lm",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert [r["layers"] for r in out["runs"]] == [1, 2] and all(r["trials"] == 1 for r in out["runs"])
-    assert out["floor_s_per_layer"] > 0 and out["slope_s_per_layer"] == out["runs"][1]["wall_s"] - out["runs"][0]["wall_s"]
+    assert (
+        out["floor_s_per_layer"] > 0 and out["slope_s_per_layer"] == out["runs"][1]["wall_s"] - out["runs"][0]["wall_s"]
+    )
     # CPU time too: on a shared machine it is what stays comparable
-    assert out["floor_cpu_s_per_layer"] > 0 and out["slope_cpu_s_per_layer"] == out["runs"][1]["cpu_s"] - out["runs"][0]["cpu_s"]
+    assert (
+        out["floor_cpu_s_per_layer"] > 0
+        and out["slope_cpu_s_per_layer"] == out["runs"][1]["cpu_s"] - out["runs"][0]["cpu_s"]
+    )
     # and what else the converter must compute, at the least: float64 solves and verification
     assert out["float64_solve_s_per_layer"] > 0 and out["verification_s_per_layer"] > 0
     assert not list(tmp_path.iterdir())  # the checkpoints are removed
 
 
 def test_make_checkpoint_gives_one_layer_an_ill_conditioned_q(tmp_path):
-    from harness import load_script
-    from mlx_skipless.checkpoint import TensorSource
+    import pytest
 
-    make = load_script("make_checkpoint")
-    assert make.main([str(tmp_path / "bad"), "--preset", "tiny", "--ill-conditioned", "2"]) == 1
+    from mlx_skipless.safetensors_reader import TensorSource
+    from mlx_skipless.synthetic import preset_args, write_checkpoint
+
+    with pytest.raises(ValueError, match="ill-conditioned 2: the model has layers 0 to 1"):
+        write_checkpoint(tmp_path / "bad", preset_args("tiny"), ill_conditioned=2)
     assert not (tmp_path / "bad").exists()
-    assert make.main([str(tmp_path / "ic"), "--preset", "tiny", "--ill-conditioned", "1"]) == 0
+    write_checkpoint(tmp_path / "ic", preset_args("tiny"), ill_conditioned=1)
     source = TensorSource(tmp_path / "ic")
     conds = [np.linalg.cond(source.float32(f"model.layers.{i}.self_attn.q_proj.weight")) for i in range(2)]
     assert conds[0] < 10 and conds[1] > 1e3  # 1e4 as drawn; bfloat16 storage moves it
 
 
 def test_bench_linalg_times_the_factorization_beside_the_inverse():
-    run = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_linalg.py"), "--d", "64", "--kv", "16",
-                          "--repeats", "1"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "bench_linalg.py"), "--d", "64", "--kv", "16", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("LU: factor") and "before: inverse" in run.stdout
