@@ -1,6 +1,7 @@
 """python -m mlx_skipless.train: train any skipless model form in MLX.
 
-AdamW with linear warm-up and cosine decay, gradient clipping, validation loss,
+Muon for the block matrices and AdamW for the rest (or AdamW throughout), warm-up then
+a constant rate and a short cooldown (or cosine decay), gradient clipping, validation loss,
 checkpoints in the project's format (HF-style config.json + safetensors +
 tokenizer) that `--resume` continues bit for bit: data windows are a function of
 the step, and the optimizer state and options are saved in training/, beside the
@@ -74,6 +75,8 @@ RECORDED = (
     "schedule",
     "cooldown",
 )
+# what a run recorded before these options existed trained with (no record of them: the old way)
+RECORDED_BEFORE = {"optimizer": "adamw", "schedule": "cosine"}
 NEW_RUN_ONLY = ("config", "tokenizer", "vocab_size", "q_init_scale")
 
 
@@ -163,9 +166,9 @@ class TrainOptions:
     eval_every: int = 200
     save_every: int = 500
     block_lr_scale: Optional[float] = None  # None: a resumed run's own, else hidden_lr_scale(args)
-    optimizer: str = "adamw"
+    optimizer: str = "muon"  # at the flagship shape 0.29 nats below AdamW at equal steps (docs/flagship-ab.md)
     muon_lr: float = 0.02
-    schedule: str = "cosine"
+    schedule: str = "wsd"  # as good as cosine there, and extendable from its stable checkpoint
     cooldown: float = 0.2
     stable_path: Optional[Path] = None
 
@@ -427,6 +430,9 @@ def settle_options(o, recorded: Optional[dict] = None, log=print):
         value = getattr(o, key)
         if recorded is not None and key in NEW_RUN_ONLY and value is not None:
             ignored.append("--" + key.replace("_", "-"))
+        if value is None and recorded is not None and key not in recorded and key in RECORDED_BEFORE:
+            value = RECORDED_BEFORE[key]  # a run older than the option trained with its first default
+            setattr(o, key, value)
         if value is None:
             setattr(o, key, recorded[key] if recorded and key in recorded else default_of(key))
         elif recorded and key in recorded and value != recorded[key]:
