@@ -25,10 +25,12 @@ from .card import model_card
 from .errors import CheckpointError
 from .hub import TOKENIZER_FILES, copy_tokenizer, read_config, recorded_name, resolve
 from .loading import SkiplessCheckpoint, check_quantization, check_tokenizer_fits, load_tokenizer
+from .memory import keep_freed_memory
 from .models.skipless import ModelArgs
 from .output_dir import OutputDir
+from .products import products_for
 from .report import build_report, log_report
-from .streaming import Passes, keep_freed_memory, products_for
+from .streaming import Passes
 from .upload import upload
 
 DEFAULT_SOURCE = Path(__file__).parent / "demo" / "skipless-python"

@@ -176,13 +176,13 @@ def measured_plan(passes, staging, rungs, n_doubtful, first, budget, stored_as, 
             return True  # the original model itself
         if k not in figures:
             log(f"[PLAN] trying rung {k} of {len(rungs) - 1}: Q/K/V kept in the {k} worst-conditioned layers")
-            figures[k] = passes.evaluate(rungs[k])
+            figures[k] = passes.measure(rungs[k])
         return (budget if k < n_doubtful else verify.CLEARLY_WORSE).admits(figures[k], verify.worst(*noise.values()))
 
     if not admits(0) and p_merged is not None:
         if p_merged not in figures:  # rung 0 is the P-merged one when no layer can lose Q/K/V
             log(f"[PLAN] over the fidelity budget in {stored_as}; measuring a second rounding of the original")
-            figures[p_merged] = passes.evaluate(rungs[p_merged])
+            figures[p_merged] = passes.measure(rungs[p_merged])
         noise["p_merged"] = figures[p_merged]
     chosen = 0
     if not admits(0):

@@ -4,8 +4,6 @@ A trial of another plan (`--remove auto`) reuses what the first written pass
 stored wherever the two plans agree, and so does writing the plan chosen.
 """
 
-import ctypes
-import sys
 from dataclasses import replace
 from typing import NamedTuple, Optional
 
@@ -33,38 +31,6 @@ from .report import degraded, verification_record
 from .shards import ShardWriter
 
 ORIGINALS = ("original", "original_stored")
-
-
-def keep_freed_memory():
-    """For a process that streams many blocks of the same shapes: glibc hands every freed
-    array over 32 MB back to the kernel, which zeroes fresh pages for the next block's
-    arrays of the same sizes; on Linux that was a third of a 7B conversion's time per
-    block (README). Kept in the heap, they are reused. Process-wide, so the command line
-    calls it, not the library; a no-op where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
-        mallopt(option, ctypes.c_int(2**31 - 1))
-
-
-def mlx_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """A·B by MLX on its default device: on Apple silicon the GPU takes fusion's float32
-    products, several times numpy's CPU rate (fusion.Products)."""
-    return np.asarray(mx.matmul(mx.array(A), mx.array(B)))
-
-
-def products_for(dtype: str, quantized: bool) -> fusion.Products:
-    """How the products that invert nothing are taken for an output stored in `dtype`:
-    float64 only for a float32 output; else float32, on the GPU where MLX has Metal
-    (its float32 matmul is float32 throughout; elsewhere numpy's BLAS is the fast one)."""
-    if dtype == "float32" and not quantized:
-        return fusion.Products(np.float64)
-    return fusion.Products(np.float32, mlx_matmul if mx.metal.is_available() else np.matmul)
 
 
 class Pass(NamedTuple):
@@ -136,7 +102,7 @@ class Passes:
             rewritten = self.write(staging, forms)
         return rewritten
 
-    def evaluate(self, forms) -> verify.Metrics:
+    def measure(self, forms) -> verify.Metrics:
         """The stored converted model's figures, nothing written."""
         logits = self._reuse(forms)
         if logits is None:

@@ -48,7 +48,7 @@ CHILD = f"""
 import json, resource, sys, time
 t = time.perf_counter()
 from mlx_skipless.convert import convert
-from mlx_skipless.streaming import keep_freed_memory
+from mlx_skipless.memory import keep_freed_memory
 keep_freed_memory()  # as the command line does
 # The cost is measured whatever the verdict: random deep stacks may trip the degradation check.
 report = convert(sys.argv[1], sys.argv[2], remove=sys.argv[4], verify_output=sys.argv[3] == "1", progress=False,

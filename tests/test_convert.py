@@ -18,8 +18,9 @@ from mlx_skipless.errors import CheckpointError
 from mlx_skipless.families import BUFFERS
 from mlx_skipless.fusion import FusionError
 from mlx_skipless.loading import load, load_model
+from mlx_skipless.products import products_for
 from mlx_skipless.safetensors_reader import TensorSource
-from mlx_skipless.streaming import Passes, products_for
+from mlx_skipless.streaming import Passes
 
 FAMILIES = [
     "llama",

@@ -200,7 +200,7 @@ def test_condition_estimate_of_ill_conditioned_and_singular_matrices(monkeypatch
 def test_float32_products_stay_near_the_float64_fusion(engine, bias):
     # Products that invert nothing may run in float32 for outputs coarser than float32,
     # the biases' included (b_P·M and the next block's c); on Apple silicon, by MLX on its GPU.
-    from mlx_skipless.streaming import mlx_matmul
+    from mlx_skipless.products import mlx_matmul
 
     args = tiny_args(num_hidden_layers=3, attention_bias=bias, mlp_bias=bias)
     flat = synthetic.random_flat(args)
@@ -232,7 +232,7 @@ def test_fusion_maths_runs_without_mlx():
 def test_products_take_float64_only_for_a_float32_output_and_the_gpu_where_metal_is():
     import mlx.core as mx
 
-    from mlx_skipless.streaming import mlx_matmul, products_for
+    from mlx_skipless.products import mlx_matmul, products_for
 
     assert products_for("float32", quantized=False) == fusion.Products(np.float64, np.matmul)
     for dtype, quantized in (("bfloat16", False), ("float16", False), ("float32", True)):
