@@ -78,9 +78,23 @@ def describe(config: dict) -> str:
     return "skipless, " + ("block norms" if config.get("block_norm") else "norm-free")
 
 
-def price(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) -> dict:
+def in_float32(model):
+    """`model` with its stored weights (dequantized where quantized) held and computed in float32:
+    the same values, on this CPU's BLAS. MLX's CPU kernels for bfloat16 and quantized products
+    run 7-14x slower than float32 on OpenBLAS, which makes a held-out score of a converted model
+    take half an hour; in float32 it measures what the stored weights lost, not the arithmetic
+    of bfloat16 activations (the converter's verification reports that on its probe)."""
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    return model
+
+
+def price(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print, score_in=None) -> dict:
     """Every (label, model directory) of `runs` scored on `files` and timed: one row each.
-    A short context shortens the prompt, then the timed steps."""
+    A short context shortens the prompt, then the timed steps. `score_in="float32"` scores
+    each model's stored weights in float32 arithmetic (in_float32); decoding is timed as stored."""
     from tqdm import tqdm
 
     texts = data.read_texts(files)
@@ -88,8 +102,10 @@ def price(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) ->
     for label, path in runs:
         model, tok, context = evaluate.load(path)
         log(f"[INFO] scoring {label} ({path})")
+        scored = in_float32(evaluate.load(path)[0]) if score_in == "float32" else model
         with tqdm(desc=f"scoring {label}", unit="window", file=sys.stderr, leave=False) as bar:
-            r = evaluate.bits_per_byte(model, tok, texts, context, stride, progress=bar.update)
+            r = evaluate.bits_per_byte(scored, tok, texts, context, stride, progress=bar.update)
+        del scored
         config = json.loads((Path(path) / "config.json").read_text())
         rows.append(
             {
@@ -121,6 +137,7 @@ def price(runs, files, prompt=32, steps=64, warmup=8, stride=None, log=print) ->
         "rows": rows,
         "compressors": compressors,
         "decode": {"prompt": prompt, "steps": steps, "warmup": warmup},
+        "scored_in": score_in or "stored",
     }
 
 
@@ -130,7 +147,8 @@ def markdown(result: dict, command: str) -> str:
     lines = [
         f"{result['files']} held-out files, {result['bytes']:,} bytes; decode: batch 1, median of "
         f"{d['steps']} interleaved steps after a {d['prompt']}-token prompt. Measured on {result['machine']} "
-        f"with `{command}`.",
+        f"with `{command}`."
+        + (" Bits per byte: the stored weights computed in float32." if result.get("scored_in") == "float32" else ""),
         "",
         "| model | form | weights | weight MB | bits per byte | nats per token | decode tokens/s (min-max) |",
         "|---|---|---|---|---|---|---|",

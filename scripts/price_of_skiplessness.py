@@ -48,6 +48,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--stride", type=int, help="evaluation window stride (default: half the context)")
+    p.add_argument(
+        "--score-in",
+        choices=["stored", "float32"],
+        default="stored",
+        help="score each model as stored (default), or its stored weights in float32 arithmetic: "
+        "the same weights, much faster where bfloat16 and quantized products are slow (CPU)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", help="also write the table to this file")
     o = p.parse_args(argv)
@@ -55,7 +62,14 @@ def main(argv=None):
     try:
         files = evaluate.read_files(o.data)
         result = pricing.price(
-            o.runs, files, o.prompt, o.steps, o.warmup, o.stride, log=(lambda *_: None) if o.json else print
+            o.runs,
+            files,
+            o.prompt,
+            o.steps,
+            o.warmup,
+            o.stride,
+            log=(lambda *_: None) if o.json else print,
+            score_in=o.score_in,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -80,6 +80,15 @@ def test_one_table_for_residual_skipless_and_converted(tmp_path):
     table = (tmp_path / "t.md").read_text()
     assert "| bf16 | converted, bfloat16 |" in table and "| xz -9e | compressor |" in table
 
+    # the stored weights in float32 arithmetic: the same values, so nearly the same score
+    fast = script(*argv[:-3], "--score-in", "float32", "--json")
+    assert fast.returncode == 0, fast.stderr
+    fast = json.loads(fast.stdout)
+    assert fast["scored_in"] == "float32"
+    for r in fast["rows"]:
+        assert r["bits_per_byte"] == pytest.approx(rows[r["label"]]["bits_per_byte"], rel=0.01), r["label"]
+        assert r["weight_bytes"] == rows[r["label"]]["weight_bytes"]  # timed as stored
+
     assert script("residual", "--data", held).returncode == 2  # argparse: LABEL=DIR expected
     assert script(f"x={tmp_path / 'missing'}", "--data", held).returncode == 1
 
