@@ -16,10 +16,11 @@ skiplessness; `--ship` makes the result the packaged model (at most 25 MB) and i
 
 Run the same command again to continue: training resumes from its last checkpoint
 (`train --resume`), and finished steps are kept (a step is redone when what it was made
-from is newer). What it costs, measured on Linux x86_64 with 2 shared cores and OpenBLAS
-preloaded (OPENBLAS_NUM_THREADS=1, one run per core): the flagship's two training runs took
-about 29 minutes each at about 1,450 tokens/s, normfree about 15 minutes, the table a few
-more; the corpus-tiny build takes about 4 minutes with the token cache warm. On a cold cache
+from is newer). What it costs, measured on Linux x86_64 with 2 cores and OpenBLAS preloaded
+(OPENBLAS_NUM_THREADS=2), the cores shared with other work: the flagship's 2,000 training
+steps about 2 h 45 min (1,300-1,700 tokens/s), then normfree, both conversions, the price table
+(held-out scores of the stored weights in float32) and the samples about 28 minutes; the
+corpus-tiny build takes about 4 minutes with the token cache warm. On a cold cache
 the first train command also trains the tokenizer and tokenizes the 53 MB corpus (about 50 s
 of CPU); later commands read both back from the cache (mlx_skipless.tokencache).
 """
@@ -187,7 +188,9 @@ def ship_build(work: Path, card: str, names=(), demo: Path = DEMO, zoo_entry: Pa
     it (WORK/with-norms: the model as trained). A model over SHIP_LIMIT bytes is refused
     before anything changes; the demo is replaced whole, never left half-copied."""
     source = work / "norm-free"
-    files = [f for f in sorted(source.iterdir()) if f.is_file()]
+    # the model and its tokenizer; not the manifest that marks a build output as ours (the
+    # packaged copy is the repository's, and its config.json is rewritten below)
+    files = [f for f in sorted(source.iterdir()) if f.is_file() and not f.name.startswith(".")]
     size = sum(f.stat().st_size for f in files) + len(card.encode())
     if size > SHIP_LIMIT:
         raise ValueError(
