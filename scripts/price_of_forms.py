@@ -203,6 +203,13 @@ def main(argv=None):
         "--heldout", nargs="+", default=["corpus"], help="scored text (default: the corpus's held-out packages)"
     )
     p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument(
+        "--score-in",
+        choices=["stored", "float32"],
+        default="stored",
+        help="score models as stored (default), or their stored weights in float32 arithmetic: the same "
+        "weights, 7-14x faster on a CPU, where MLX's bfloat16 and quantized products are slow",
+    )
     p.add_argument("--work", default="forms-work", help="run directories (kept: a rerun continues)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--markdown", help="write the table, the machine and this command here")
@@ -214,7 +221,7 @@ def main(argv=None):
     for size in o.sizes:
         runs = models_of(work, size, o)
         print(f"[INFO] {size}: scoring and timing {len(runs)} models", flush=True)
-        priced = price(list(runs.items()), files, steps=o.decode_steps)
+        priced = price(list(runs.items()), files, steps=o.decode_steps, score_in=o.score_in)
         results[size] = priced
         lines += table(size, runs, priced)
     machine = next(iter(results.values()))["machine"]
