@@ -425,14 +425,13 @@ def resumable(p: argparse.ArgumentParser, flag: str, help: str, **kwargs):
 def settle_options(o, recorded: Optional[dict] = None, log=print):
     """Fill the options not given: from the run's record when resuming (`recorded`),
     else the defaults. Options given again on resuming override; one line says which."""
+    if recorded is not None:  # a run older than an option trained with that option's first default
+        recorded = {**RECORDED_BEFORE, **recorded}
     changed, ignored = [], []
     for key in RECORDED + NEW_RUN_ONLY:
         value = getattr(o, key)
         if recorded is not None and key in NEW_RUN_ONLY and value is not None:
             ignored.append("--" + key.replace("_", "-"))
-        if value is None and recorded is not None and key not in recorded and key in RECORDED_BEFORE:
-            value = RECORDED_BEFORE[key]  # a run older than the option trained with its first default
-            setattr(o, key, value)
         if value is None:
             setattr(o, key, recorded[key] if recorded and key in recorded else default_of(key))
         elif recorded and key in recorded and value != recorded[key]:
