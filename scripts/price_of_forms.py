@@ -10,7 +10,8 @@ trainer, data, tokenizer, steps and seed train
   figure-4-parallel  x + Attn(u) + FFN(u), u = norm(x), no Q and no P (Figure 4b)
   figure-4-wide      figure-4 with the saved bytes spent back on FFN width: at most the
                      standard's bytes read per token (the question "does it win at equal speed?")
-  skipless           no skips, shaped attention, pre-norms; then `normfree` (norm-free) and
+  skipless           no skips, shaped attention, pre-norms; then `normfree` (norm-free: 5 steps
+                     after each norm is frozen, a tenth of --steps at the end) and
                      `convert --dtype bfloat16` (every legal matrix fused away)
 
 Every final model is also stored in 4 bits (`convert -q`, group 32) and scored again:
@@ -94,31 +95,12 @@ def made(out: Path, *argv, log=print) -> Path:
 
 
 def models_of(work: Path, size: str, o, log=print) -> dict:
-    """{label: model directory}: every form trained, the skipless one carried to norm-free and
-    bfloat16, and a 4-bit copy of each final model."""
-    runs = {form: trained(work, size, form, o, log) for form in FORMS}
-    skipless = runs.pop("skipless")
-    runs["skipless (norms)"] = skipless
-    runs["norm-free"] = made(
-        work / f"{size}-norm-free",
-        "mlx_skipless.normfree",
-        "--model",
-        skipless,
-        "--data",
-        *o.data,
-        "--batch-size",
-        o.batch_size,
-        log=log,
-    )
-    runs["norm-free bf16"] = made(
-        work / f"{size}-norm-free-bf16",
-        "mlx_skipless.convert",
-        "--hf-path",
-        runs["norm-free"],
-        "--dtype",
-        "bfloat16",
-        log=log,
-    )
+    """{label: model directory}: every form in o.forms trained, the skipless one carried to norm-free
+    and bfloat16, and a 4-bit copy of each final model."""
+    runs = {form: trained(work, size, form, o, log) for form in o.forms}
+    if "skipless" in runs:
+        runs["skipless (norms)"] = runs.pop("skipless")
+        runs.update(carried(work, size, runs["skipless (norms)"], o, log))
     for label in [k for k in runs if k not in ("skipless (norms)", "norm-free bf16")]:
         runs[f"{label} 4-bit"] = made(
             work / f"{size}-{label.replace(' ', '-')}-q4",
@@ -130,6 +112,41 @@ def models_of(work: Path, size: str, o, log=print) -> dict:
             Q_GROUP,
             log=log,
         )
+    return runs
+
+
+# normfree's own defaults (20 steps a norm, 200 at the end) suit a long run; after a short one they
+# would train the norm-free row on more tokens than the others saw, so it gets a tenth of the steps
+NORMFREE_STEPS_PER_NORM = 5
+
+
+def carried(work: Path, size: str, skipless: Path, o, log=print) -> dict:
+    """The skipless run with its norms removed, then converted to bfloat16."""
+    runs = {}
+    runs["norm-free"] = made(
+        work / f"{size}-norm-free",
+        "mlx_skipless.normfree",
+        "--model",
+        skipless,
+        "--data",
+        *o.data,
+        "--batch-size",
+        o.batch_size,
+        "--steps-per-norm",
+        NORMFREE_STEPS_PER_NORM,
+        "--final-steps",
+        max(1, o.steps // 10),
+        log=log,
+    )
+    runs["norm-free bf16"] = made(
+        work / f"{size}-norm-free-bf16",
+        "mlx_skipless.convert",
+        "--hf-path",
+        runs["norm-free"],
+        "--dtype",
+        "bfloat16",
+        log=log,
+    )
     return runs
 
 
@@ -180,6 +197,35 @@ def table(size: str, runs: dict, priced: dict) -> list:
     return lines
 
 
+def plot(results: dict, path: str, title: str):
+    """Held-out bits per byte against decode speed: one panel a size, one point a model, the
+    4-bit copies hollow, so a glance shows which form buys speed and which loses bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
+    for ax, (size, priced) in zip(axes[0], results.items()):
+        rows = [r for r in priced["rows"] if not r["label"].endswith(" 4-bit")]
+        for i, r in enumerate(rows):
+            color = f"C{i}"
+            x, y = r["decode_tokens_per_s"]["median"], r["bits_per_byte"]
+            ax.plot(x, y, "o", color=color, label=r["label"])
+            q = next((q for q in priced["rows"] if q["label"] == f"{r['label']} 4-bit"), None)
+            if q:
+                ax.plot(q["decode_tokens_per_s"]["median"], q["bits_per_byte"], "o", mfc="none", color=color)
+                ax.plot([x, q["decode_tokens_per_s"]["median"]], [y, q["bits_per_byte"]], ":", color=color, lw=0.8)
+        ax.set_title(f"d x layers = {size}", fontsize=9)
+        ax.set_xlabel("decode tokens/s, batch 1 (hollow: 4-bit copy)")
+        ax.set_ylabel("held-out bits per byte (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 HEADER = [
     "| size | form | steps | weights | per block | val loss (nats/token) | held-out bits/byte | 4-bit change "
     "| decode tok/s | predicted vs standard | measured vs standard |",
@@ -210,23 +256,41 @@ def main(argv=None):
         help="score models as stored (default), or their stored weights in float32 arithmetic: the same "
         "weights, 7-14x faster on a CPU, where MLX's bfloat16 and quantized products are slow",
     )
+    p.add_argument(
+        "--forms",
+        nargs="+",
+        choices=list(FORMS),
+        default=list(FORMS),
+        help="the forms to train (default: all); with --train-only, one invocation per core builds the table "
+        "in parallel, and a last one with every form prices it",
+    )
+    p.add_argument("--train-only", action="store_true", help="train and convert, then stop before scoring and timing")
     p.add_argument("--work", default="forms-work", help="run directories (kept: a rerun continues)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--markdown", help="write the table, the machine and this command here")
+    p.add_argument("--plot", help="draw bits per byte against decode speed here (needs matplotlib: '.[plot]')")
     o = p.parse_args(argv)
+    if not o.train_only and "standard" not in o.forms:
+        p.error("pricing compares every form with the standard: add standard to --forms, or pass --train-only")
     work = Path(o.work)
     work.mkdir(parents=True, exist_ok=True)
     files = evaluate.read_files(o.heldout)
     lines, results = list(HEADER), {}
     for size in o.sizes:
         runs = models_of(work, size, o)
+        if o.train_only:
+            continue
         print(f"[INFO] {size}: scoring and timing {len(runs)} models", flush=True)
         priced = price(list(runs.items()), files, steps=o.decode_steps, score_in=o.score_in)
         results[size] = priced
         lines += table(size, runs, priced)
+    if o.train_only:
+        return 0
     machine = next(iter(results.values()))["machine"]
     text = "\n".join(lines)
     print(text)
+    if o.plot:
+        plot(results, o.plot, f"{o.steps} steps of {o.batch_size} x {o.context} tokens, seed {o.seed}; {machine}")
     if o.json:
         Path(o.json).write_text(json.dumps(results, indent=2))
     if o.markdown:

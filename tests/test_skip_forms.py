@@ -163,6 +163,39 @@ def test_a_trained_form_converts_verified_and_runs_under_stock_mlx_lm(trained, t
     assert "Generation: 5 tokens" in text or "Generation:" in text
 
 
+def test_stock_mlx_lm_quantizes_a_trained_form_and_trains_lora_adapters_on_it(trained, tmp_path):
+    """`mlx_lm convert -q`, then `mlx_lm lora` on the 4-bit copy, then generation with the adapters."""
+    import json
+    import types
+
+    import mlx.core as mx
+    from mlx_lm import generate, load
+    from mlx_lm.convert import convert as lm_convert
+    from mlx_lm.lora import CONFIG_DEFAULTS, build_parser
+    from mlx_lm.lora import run as lora
+
+    run, *_ = trained["wq-identity"]
+    q4 = tmp_path / "q4"
+    lm_convert(str(run), str(q4), quantize=True, q_group_size=32, trust_remote_code=True)
+    assert json.loads((q4 / "config.json").read_text())["quantization"]["bits"] == 4
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "\n".join(json.dumps({"text": t}) for t in ["def add(a, b):\n    return a + b\n", "import os\n"] * 4)
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(rows + "\n")
+    argv = ["--model", str(q4), "--trust-remote-code", "--train", "--data", str(data), "--iters", "3"]
+    argv += ["--batch-size", "2", "--num-layers", "2", "--adapter-path", str(tmp_path / "ad"), "--val-batches", "1"]
+    args = vars(build_parser().parse_args(argv))
+    lora(types.SimpleNamespace(**{**CONFIG_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}))
+
+    model, tokenizer = load(str(q4), adapter_path=str(tmp_path / "ad"), trust_remote_code=True)
+    plain, _ = load(str(q4), trust_remote_code=True)
+    prompt = mx.array([tokenizer.encode("def f")])
+    assert not mx.array_equal(model(prompt), plain(prompt))  # the adapters trained and are applied
+    assert generate(model, tokenizer, "def f", max_tokens=4)
+
+
 def test_a_converted_form_serves_concurrent_requests_as_alone(trained, tmp_path):
     from harness import greedy_completions_alone_and_together
 
