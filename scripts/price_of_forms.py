@@ -207,12 +207,13 @@ def plot(results: dict, path: str, title: str):
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
     for ax, (size, priced) in zip(axes[0], results.items()):
+        by = {r["label"]: r for r in priced["rows"]}
         rows = [r for r in priced["rows"] if not r["label"].endswith(" 4-bit")]
         for i, r in enumerate(rows):
             color = f"C{i}"
             x, y = r["decode_tokens_per_s"]["median"], r["bits_per_byte"]
             ax.plot(x, y, "o", color=color, label=r["label"])
-            q = next((q for q in priced["rows"] if q["label"] == f"{r['label']} 4-bit"), None)
+            q = by.get(f"{r['label']} 4-bit")
             if q:
                 ax.plot(q["decode_tokens_per_s"]["median"], q["bits_per_byte"], "o", mfc="none", color=color)
                 ax.plot([x, q["decode_tokens_per_s"]["median"]], [y, q["bits_per_byte"]], ":", color=color, lw=0.8)
