@@ -146,7 +146,8 @@ def converter_removes(entry: dict, base: ModelArgs):
         conds = planner.condition_numbers(SkiplessCheckpoint(str(PACKAGE / entry["checkpoint"])))
         forms = planner.ladder(conds, "p" if and_p else "")[0]
         counts = Counter(f.replace("p", "").upper() or "nothing" for f in forms)
-        what = ", ".join(f"{m} ({n} layers)" for m, n in counts.items()) if len(counts) > 1 else next(iter(counts))
+        layers = lambda n: f"{n} layer" + "s" * (n != 1)  # noqa: E731
+        what = ", ".join(f"{m} ({layers(n)})" for m, n in counts.items()) if len(counts) > 1 else next(iter(counts))
         return what + and_p, (
             "the converter's plan for the packaged weights: per layer the "
             "best-conditioned square matrix (--remove auto's first plan)"

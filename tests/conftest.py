@@ -12,3 +12,9 @@ from mlx_skipless import corpus
 _CACHE = tempfile.mkdtemp(prefix="mlx-skipless-test-cache-")
 os.environ[corpus.CACHE_ENV] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: under pytest-xdist, a long test that starts last keeps one core
+    busy for its whole length while the other has nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

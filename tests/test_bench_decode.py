@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
 
@@ -17,6 +18,7 @@ def bench(*args, cwd):
     return run.stdout
 
 
+@pytest.mark.slow
 def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_path):
     out = json.loads(
         bench(
@@ -59,6 +61,7 @@ def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_pat
     assert run.returncode != 0 and "different machines" in run.stderr
 
 
+@pytest.mark.slow
 def test_bench_convert_reports_the_slope_against_the_gemm_floor(tmp_path):
     script = SCRIPT.parent / "bench_convert.py"
     run = subprocess.run(

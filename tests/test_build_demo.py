@@ -62,6 +62,7 @@ def test_resumes_training_and_redoes_only_stale_steps(tmp_path):
     assert recipe.stale(later, run)
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_the_finished_steps(tmp_path, capsys):
     """build_demo runs the recipe with keep: its own files beside the run, its directory names,
     and a rerun that redoes nothing finished."""

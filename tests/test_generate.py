@@ -207,6 +207,7 @@ def test_mlx_lm_server_batches_shaped_attention_exactly(models):
     assert all(alone) and together == alone
 
 
+@pytest.mark.slow
 def test_tensor_parallel_over_two_processes(models, tmp_path):
     """mlx-lm's sharded_load + mlx.launch (ring backend, localhost) through the model file's
     shard(), a full forward and a cached decode (shaped attention: the sums of sharded heads)."""

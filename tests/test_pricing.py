@@ -27,6 +27,7 @@ def script(*argv):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_one_table_for_residual_skipless_and_converted(tmp_path):
     tok = data.train_tokenizer(TEXTS * 4, 280)
     runs = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import copy_checkout
+from test_zoo import README_RECIPE, check_tiny_run
 
 from mlx_skipless.zoo import tomllib  # tomli on Python 3.10
 
@@ -75,6 +76,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
         )
         assert run.returncode == 0, f"{command}\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}"
         ran.append(command)
+        if f"zoo run {README_RECIPE} --size tiny" in command:  # the recipe test_zoo leaves to this walk
+            runs = work / "zoo-runs" / f"{README_RECIPE}-tiny"
+            check_tiny_run({d.name: d for d in runs.iterdir() if d.is_dir()}, run.stdout)
         print(f"{time.perf_counter() - t0:6.1f}s {command}")
     for block in fenced("python"):
         run = subprocess.run([sys.executable, "-c", block], cwd=work, capture_output=True, text=True, timeout=600)

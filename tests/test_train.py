@@ -153,6 +153,7 @@ def test_block_learning_rate_shrinks_with_width_and_depth():
     assert scale(512, 4) == scale(256, 8) == 0.5 and scale(512, 8) == 0.25
 
 
+@pytest.mark.slow
 def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
     """The failure the block learning rate fixes (issue 19): with every matrix at the full
     rate, a deep stack without skips maps every position to nearly the same vector within
@@ -257,6 +258,7 @@ def test_divergence_stops_before_a_save_replaces_the_good_one(setup, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_one_process(setup, tmp_path):
     """Two processes (mlx.launch, ring backend, localhost), each on half of the global batch with
     averaged gradients, take the steps one process takes on the whole batch."""

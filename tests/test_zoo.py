@@ -1,11 +1,14 @@
 """Acceptance (issue 6): the zoo's figures, published counts, and runnable recipes."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from mlx_skipless import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def show_json(name, capsys):
@@ -69,9 +72,13 @@ def check_tiny_run(paths, out, keeps_skips=False):
     assert "[INFO] wrote" in out and out.strip().splitlines()[-1]  # generated text comes last
 
 
-# skipless-python's tiny run is walked through the command line, twice, by
-# tests/test_cli.py::test_zoo_run_twice_needs_force_or_resume_and_json_is_clean, which checks it alike.
-@pytest.mark.parametrize("recipe", [r for r in zoo.recipes() if r != "skipless-python"])
+# Two tiny runs are walked through the command line and checked alike elsewhere:
+# skipless-python's, twice, by test_cli.py::test_zoo_run_twice_needs_force_or_resume_and_json_is_clean,
+# and the README's, by test_readme.py::test_every_readme_command_runs_as_written.
+README_RECIPE = re.search(r"zoo run (\S+) --size tiny", (ROOT / "README.md").read_text()).group(1)
+
+
+@pytest.mark.parametrize("recipe", [r for r in zoo.recipes() if r not in ("skipless-python", README_RECIPE)])
 def test_every_recipe_runs_tiny_end_to_end(recipe, tmp_path, capsys):
     paths = zoo.run(recipe, "tiny", tmp_path, log=lambda *_: None)
     model, _ = zoo.sized(recipe, "tiny")
