@@ -11,9 +11,11 @@ One process per core, each with its share of the variants, then one that writes 
 
     OPENBLAS_NUM_THREADS=1 python scripts/flagship_ab.py --variants defaults vocab-4k vocab-8k &
     OPENBLAS_NUM_THREADS=1 python scripts/flagship_ab.py --variants adamw-cosine d192x4 d384x4 &
-    wait; python scripts/flagship_ab.py --markdown docs/flagship-ab-time.md
+    wait; python scripts/flagship_ab.py --markdown flagship-ab-work/table.md
 
-Finished variants are kept in --work (a rerun skips them); a run's directory stays there too.
+The step timing is a prediction made under the load of its moment; the table also gives the
+wall and CPU minutes each run then used, which are the figures to compare. Finished variants
+are kept in --work (a rerun skips them); a run's directory stays there too.
 """
 
 import argparse
@@ -65,7 +67,7 @@ def train_argv(o, name: str, config: Path, steps: int, out: Path) -> list:
     ]  # fmt: skip
 
 
-def seconds_per_step(o, name: str, config: Path, probe: int = 6) -> float:
+def seconds_per_step(o, name: str, config: Path, probe: int = 10) -> float:
     """The time of `probe` more steps than a 2-step run takes, compile and start-up cancelling."""
     ns = train.build_parser().parse_args(map(str, train_argv(o, name, config, 10**6, Path("unused"))[1:]))
     train.settle_options(ns, log=lambda *_: None)
