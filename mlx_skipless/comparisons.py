@@ -28,7 +28,8 @@ FORMS = {
 Q_GROUP = 32  # the 4-bit copies' group size: every width here is a multiple of it
 
 
-def _dims(size: str) -> dict:
+def dims(size: str) -> dict:
+    """The shape's sizes at d x layers (a "256x4" string): GLU 3d, heads of 64."""
     d, layers = (int(v) for v in size.split("x"))
     return dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=3 * d, num_attention_heads=max(1, d // 64))
 
@@ -36,7 +37,7 @@ def _dims(size: str) -> dict:
 def kind_config(size: str, kind: str) -> dict:
     """d x L of `kind` (KINDS), with RMSNorm pre-norms and a final norm."""
     return dict(
-        **_dims(size),
+        **dims(size),
         mlp_type="glu",
         hidden_act="silu",
         position_embedding_type="rope",
@@ -51,7 +52,7 @@ def form_config(size: str, form: str, vocab: int) -> dict:
     """d x L in `form` (FORMS), with a `vocab`-token head."""
     model, _ = FORMS[form]
     base = dict(
-        **_dims(size),
+        **dims(size),
         vocab_size=vocab,
         mlp_type="glu",
         hidden_act="silu",

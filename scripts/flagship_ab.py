@@ -20,7 +20,6 @@ are kept in --work (a rerun skips them); a run's directory stays there too.
 
 import argparse
 import json
-import platform
 import resource
 import shlex
 import subprocess
@@ -32,16 +31,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_skipless import data, train, zoo
+from mlx_skipless.comparisons import dims
 from mlx_skipless.manifest import TRAINER_STATE, TRAINING_DIR
 from mlx_skipless.models.skipless import Model, ModelArgs
+from mlx_skipless.pricing import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = zoo.models()["skipless-python"]["model"]
-
-
-def width(d: int) -> dict:
-    """The flagship's shape at another width: heads of 64, a GLU of 3d."""
-    return {"hidden_size": d, "num_attention_heads": d // 64, "intermediate_size": 3 * d}
 
 
 # name: (what changes, config fields, train flags)
@@ -50,10 +46,10 @@ VARIANTS = {
     "adamw-cosine": ("AdamW for every weight, cosine schedule", {}, ["--optimizer", "adamw", "--schedule", "cosine"]),
     "vocab-4k": ("4,096-token BPE", {"vocab_size": 4096}, []),
     "vocab-8k": ("8,192-token BPE", {"vocab_size": 8192}, []),
-    "d192x4": ("narrower: d 192, 3 heads, FFN 576", width(192), []),
-    "d384x4": ("wider: d 384, 6 heads, FFN 1152", width(384), []),
-    "d256x2": ("shallower: 2 layers", {"num_hidden_layers": 2}, []),
-    "d256x6": ("deeper: 6 layers", {"num_hidden_layers": 6}, []),
+    "d192x4": ("narrower: d 192, 3 heads, FFN 576", dims("192x4"), []),
+    "d384x4": ("wider: d 384, 6 heads, FFN 1152", dims("384x4"), []),
+    "d256x2": ("shallower: 2 layers", dims("256x2"), []),
+    "d256x6": ("deeper: 6 layers", dims("256x6"), []),
 }
 
 
@@ -76,13 +72,13 @@ def seconds_per_step(o, name: str, config: Path, probe: int = 10) -> float:
     corpus = data.TokenStreams.build(o.data, tok, ns.val_fraction)
     args = ModelArgs(**{**fields, "vocab_size": tok.get_vocab_size()})
     times = {}
+    opts, silent = train.TrainOptions.of(ns), lambda *_: None
     with tempfile.TemporaryDirectory() as tmp:
         for stop in (2, 2 + probe):
             model = Model(args)
             train.initialize(model, o.seed, ns.q_init_scale)
             mx.eval(model.parameters())
             t0 = time.perf_counter()
-            opts, silent = train.TrainOptions.of(ns), lambda *_: None
             train.train(model, args, tok, corpus, Path(tmp) / str(stop), opts, stop_at=stop, progress=False, log=silent)
             times[stop] = time.perf_counter() - t0
     return (times[2 + probe] - times[2]) / probe
@@ -141,8 +137,7 @@ def markdown(o) -> str:
             f"| {name} | {VARIANTS[name][0]} | {r['seconds_per_step']:.2f} | {r['steps']} | {r['tokens']:,} | "
             f"{r['train_wall_s'] / 60:.1f} / {r['train_cpu_s'] / 60:.1f} | {r['val_loss']:.3f} | {bpb:.3f} | {delta} |"
         )
-    machine = f"{platform.system()} {platform.machine()}, mlx {mx.__version__}"
-    return "\n".join(lines) + f"\n\nMeasured on {machine}; each run's command is in {o.work}/VARIANT.json.\n"
+    return "\n".join(lines) + f"\n\nMeasured on {describe_machine()}; each run's command is in {o.work}/VARIANT.json.\n"
 
 
 def main():
