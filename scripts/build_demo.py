@@ -382,10 +382,19 @@ def compute_section(work, options, weights) -> list:
         f"learning, not a scaling law: over the last {steps[-1] - steps[-2]} steps, as the learning rate "
         f"decayed, the loss still fell by {drops} nats.",
         "",
+        *history(work),
         "| step | tokens (M) | PFLOP | skipless (with norms) | standard |",
         "|---|---|---|---|---|",
         *rows,
     ]
+
+
+def history(work) -> list:
+    """WORK/history.md, the builder's account of how the runs were made where that differs from
+    the commands listed (a run extended from its stable checkpoint, data-parallel processes), as
+    card lines; none if absent."""
+    path = work / "history.md"
+    return [path.read_text().rstrip(), ""] if path.exists() else []
 
 
 def price_table(price, command) -> str:

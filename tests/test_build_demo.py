@@ -79,6 +79,12 @@ def test_a_rerun_keeps_the_finished_steps(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1]  # the recipe's generate step still ran
 
 
+def test_the_card_tells_the_builders_history(build_demo, tmp_path):
+    assert build_demo.history(tmp_path) == []
+    (tmp_path / "history.md").write_text("Extended from step 800.\n\n")
+    assert build_demo.history(tmp_path) == ["Extended from step 800.", ""]
+
+
 def _save(path, args, record=None):
     model = Model(args)
     mx.eval(model.parameters())

@@ -57,33 +57,55 @@ def commands():
                 yield line
 
 
+# The commands in chains that read each other's outputs, each walked in its own copy of the
+# checkout so that pytest-xdist spreads them; a command goes to the first chain that takes it.
+CHAINS = {
+    "zoo": lambda command: "mlx_skipless.zoo" in command,
+    "train": lambda command: re.search(r"(--mlx-path|--model|--hf-path) run\b", command),
+    "quantized": lambda command: "--mlx-path out" in command,
+    "model": lambda command: True,  # the main job's ./mlx_model, and all that reads it
+}
+
+
+def chain(name):
+    """The commands of chain `name` as the walk runs them, scaled down."""
+    for command in commands():
+        if any(command.startswith(prefix) for prefix in SKIPPED):
+            continue
+        if next(n for n, takes in CHAINS.items() if takes(command)) == name:
+            for pattern, replacement in SCALED:
+                command = re.sub(pattern, replacement, command)
+            yield command
+
+
+def test_the_walk_covers_every_kind_of_command():
+    walked = {name: list(chain(name)) for name in CHAINS}
+    assert all(walked.values()), walked  # no chain emptied by a README edit
+    every = [c for commands in walked.values() for c in commands]
+    assert len(every) >= 10 and any("zoo run" in c for c in every) and any("mlx_lm chat" in c for c in every)
+
+
 @pytest.mark.slow
-def test_every_readme_command_runs_as_written(tmp_path):
+@pytest.mark.parametrize("name", CHAINS)
+def test_every_readme_command_runs_as_written(tmp_path, name):
     work = tmp_path / "checkout"
     copy_checkout(ROOT, work)
     scaled_config(work)
     # `python`, `mlx_lm` and `mlx-skipless` of the interpreter running the tests
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    ran = []
-    for command in commands():
-        if any(command.startswith(prefix) for prefix in SKIPPED):
-            continue
-        for pattern, replacement in SCALED:
-            command = re.sub(pattern, replacement, command)
+    for command in chain(name):
         t0 = time.perf_counter()
         run = subprocess.run(
             ["bash", "-c", command], cwd=work, env=env, input=TYPED, capture_output=True, text=True, timeout=600
         )
         assert run.returncode == 0, f"{command}\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}"
-        ran.append(command)
         if f"zoo run {README_RECIPE} --size tiny" in command:  # the recipe test_zoo leaves to this walk
             runs = work / "zoo-runs" / f"{README_RECIPE}-tiny"
             check_tiny_run({d.name: d for d in runs.iterdir() if d.is_dir()}, run.stdout)
         print(f"{time.perf_counter() - t0:6.1f}s {command}")
-    for block in fenced("python"):
+    for block in fenced("python") if name == "model" else ():  # they use ./mlx_model
         run = subprocess.run([sys.executable, "-c", block], cwd=work, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, f"{block}\n{run.stderr[-3000:]}"
-    assert len(ran) >= 10 and any("zoo run" in c for c in ran) and any("mlx_lm chat" in c for c in ran)
 
 
 # -- the README's structure, and the docs it links to (fast: no subprocesses) -------------------

@@ -153,32 +153,30 @@ def test_block_learning_rate_shrinks_with_width_and_depth():
     assert scale(512, 4) == scale(256, 8) == 0.5 and scale(512, 8) == 0.25
 
 
-@pytest.mark.slow
-def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path):
+@pytest.mark.parametrize("scale, collapsed", [(None, False), (1.0, True)], ids=["scaled", "flat"])
+def test_deep_skipless_stack_keeps_tokens_apart(setup, tmp_path, scale, collapsed):
     """The failure the block learning rate fixes (issue 19): with every matrix at the full
     rate, a deep stack without skips maps every position to nearly the same vector within
     a few steps (rank collapse: mean cosine between positions -> 1 at the last layer) and
-    then predicts only token frequencies."""
+    then predicts only token frequencies. The default rate (4/16 of it here) keeps them apart."""
     tok, corpus = setup
     x = mx.array(next(corpus.validation(1, 8, 32))[0])
     last_cos = lambda m: diagnostics.signal_propagation(m, x)[-1]["cos"]
-    cos = {}
-    for label, scale in (("scaled", None), ("flat", 1.0)):  # default: 4/16
-        model, args = fresh(tok, hidden_size=32, num_hidden_layers=16, intermediate_size=96, shaped_attention=True)
-        train.initialize(model, seed=0, q_scale=0.1)
-        assert last_cos(model) < 0.1  # orthogonal init: no collapse to begin with
-        train.train(
-            model,
-            args,
-            tok,
-            corpus,
-            tmp_path / label,
-            # AdamW, as measured; Muon's orthogonalized steps collapse less (flat: 0.57)
-            options(steps=10, block_lr_scale=scale, lr=1e-3, eval_every=10**6, save_every=10**6, optimizer="adamw"),
-            **QUIET,
-        )
-        cos[label] = last_cos(model)
-    assert cos["scaled"] < 0.4 < 0.7 < cos["flat"], cos  # measured: 0.14 and 0.82 (d 64: 0.10 and 0.87)
+    model, args = fresh(tok, hidden_size=32, num_hidden_layers=16, intermediate_size=96, shaped_attention=True)
+    train.initialize(model, seed=0, q_scale=0.1)
+    assert last_cos(model) < 0.1  # orthogonal init: no collapse to begin with
+    train.train(
+        model,
+        args,
+        tok,
+        corpus,
+        tmp_path / "run",
+        # AdamW, as measured; Muon's orthogonalized steps collapse less (flat: 0.57)
+        options(steps=10, block_lr_scale=scale, lr=1e-3, eval_every=10**6, save_every=10**6, optimizer="adamw"),
+        **QUIET,
+    )
+    # measured: scaled 0.14, flat 0.82 (d 64: 0.10 and 0.87)
+    assert (last_cos(model) > 0.7) if collapsed else (last_cos(model) < 0.4)
 
 
 # -- optimizers, schedules, extension, divergence ---------------------------------------------
