@@ -133,7 +133,7 @@ def test_readme_stays_a_readme():
         "```",
         "",
         "```bash",
-        'pip install -e ".[test]" && python -m pytest                         # the tests (2 min 4 s on 2 CPU cores)',
+        'pip install -e ".[test]" && python -m pytest                         # the tests (2 min 17 s on 2 CPU cores)',
         "```",
     ]
 
