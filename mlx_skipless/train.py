@@ -67,6 +67,7 @@ RECORDED = (
     "orthogonality",
     "seed",
     "eval_every",
+    "eval_batches",
     "save_every",
     "data",
     "val_fraction",
@@ -164,6 +165,7 @@ class TrainOptions:
     orthogonality: float = 1.0
     seed: int = 0
     eval_every: int = 200
+    eval_batches: int = 8
     save_every: int = 500
     block_lr_scale: Optional[float] = None  # None: a resumed run's own, else hidden_lr_scale(args)
     optimizer: str = "muon"  # at the flagship shape 0.29 nats below AdamW at equal steps (docs/flagship-ab.md)
@@ -328,7 +330,7 @@ def train(
                 entry = {
                     "step": state["step"],
                     "train_loss": float(np.mean(losses)),
-                    "val_loss": validation_loss(model, corpus, context),
+                    "val_loss": validation_loss(model, corpus, context, batches=options.eval_batches),
                     **(probe(model) if probe else {}),
                 }
                 state["history"].append(entry)
@@ -408,6 +410,7 @@ def build_parser():
     )
     resumable(p, "--val-fraction", "fraction of the files held out for the validation loss", type=float)
     resumable(p, "--eval-every", "steps between validation losses", type=int)
+    resumable(p, "--eval-batches", "batches of 16 held-out windows behind each validation loss", type=int)
     resumable(p, "--save-every", "steps between saves to --mlx-path", type=int)
     resumable(p, "--seed", "seed of the initial weights and of the data windows", type=int)
     return p

@@ -2,6 +2,8 @@
 `mlx_lm server`."""
 
 import contextlib
+import importlib
+import io
 import json
 import socket
 import subprocess
@@ -94,6 +96,32 @@ def write_corpus(directory, files: int = 4, lines: int = 1500):
         text = "\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 9))) for _ in range(lines))
         (directory / f"part{f}.txt").write_text(text + "\n")
     return directory
+
+
+def command(module: str, *argv) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGV...` (or `python scripts/NAME.py ARGV...` for MODULE "NAME.py")
+    run in this process: the same parser and main, without the second or two a new
+    interpreter spends importing mlx-lm. Its exit code, stdout and stderr come back as a
+    subprocess's would. Mains that take no argv (mlx-lm's, some scripts') read sys.argv."""
+    import inspect
+
+    main = load_script(module[:-3]).main if module.endswith(".py") else importlib.import_module(module).main
+    out, err, argv = io.StringIO(), io.StringIO(), [str(a) for a in argv]
+    saved = sys.argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if inspect.signature(main).parameters:
+                code = main(argv)
+            else:
+                sys.argv = [module, *argv]
+                code = main()
+        except SystemExit as e:  # argparse's errors, sys.exit(message)
+            code = e.code if isinstance(e.code, int) or e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        finally:
+            sys.argv = saved
+    return subprocess.CompletedProcess([module, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def free_port():

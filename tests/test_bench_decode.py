@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import command
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
 
@@ -50,14 +51,15 @@ def test_bench_decode_reports_the_removed_weights_and_renders_saved_runs(tmp_pat
     (tmp_path / "a.json").write_text(json.dumps(out))
     q = dict(out, results=[dict(r, dtype="4bit")])
     (tmp_path / "b.json").write_text(json.dumps(q))
-    bench("--load", "a.json", "b.json", "--markdown", "t.md", cwd=tmp_path)
+    rendered = command(
+        "bench_decode.py", "--load", tmp_path / "a.json", tmp_path / "b.json", "--markdown", tmp_path / "t.md"
+    )
+    assert rendered.returncode == 0, rendered.stderr
     rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| tiny")]
     assert [row.split("|")[2].strip() for row in rows] == ["float32", "4bit"]
 
     (tmp_path / "c.json").write_text(json.dumps(dict(out, machine="elsewhere")))
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--load", "a.json", "c.json"], capture_output=True, text=True, cwd=tmp_path
-    )
+    run = command("bench_decode.py", "--load", tmp_path / "a.json", tmp_path / "c.json")
     assert run.returncode != 0 and "different machines" in run.stderr
 
 

@@ -1,15 +1,13 @@
 """Acceptance (issue 3): the converter, on checkpoints written as Hugging Face writes them."""
 
 import json
-import subprocess
-import sys
 
 import hf_checkpoints as hf
 import mlx.core as mx
 import numpy as np
 import pytest
 import reference
-from harness import logits, rel_err, tokens
+from harness import command, logits, rel_err, tokens
 
 from mlx_skipless import convert as convert_module
 from mlx_skipless import layout
@@ -117,24 +115,9 @@ def test_output_runs_under_stock_mlx_lm(tmp_path):
     src, _, _ = write(tmp_path, "gpt2")
     out = tmp_path / "out"
     convert(str(src), str(out), **quiet())
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "generate",
-            "--model",
-            str(out),
-            "--trust-remote-code",
-            "--prompt",
-            "def x",
-            "--max-tokens",
-            "4",
-            "--ignore-chat-template",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = command(
+        "mlx_lm.generate",
+        *("--model", out, "--trust-remote-code", "--prompt", "def x", "--max-tokens", 4, "--ignore-chat-template"),
     )
     assert run.returncode == 0, run.stderr
     assert "Generation: 4 tokens" in run.stdout

@@ -11,7 +11,7 @@ import hf_checkpoints as hf
 import mlx.core as mx
 import numpy as np
 import pytest
-from harness import greedy_completions_alone_and_together, write_corpus
+from harness import command, greedy_completions_alone_and_together, write_corpus
 from mlx.utils import tree_flatten
 
 from mlx_skipless import convert as convert_cli
@@ -41,12 +41,10 @@ GPT2 = dict(
 )
 
 
-def cli(command: str, *argv, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mlx_skipless.{command}", *map(str, argv)], capture_output=True, text=True, timeout=300
-    )
+def cli(name: str, *argv, check: bool = True) -> subprocess.CompletedProcess:
+    proc = command(f"mlx_skipless.{name}", *argv)
     if check:
-        assert proc.returncode == 0, f"{command} failed:\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-2000:]}"
     return proc
 
 
@@ -80,6 +78,8 @@ def pipeline(tmp_path_factory, corpus):
         300,
         "--eval-every",
         3,
+        "--eval-batches",
+        1,
         "--save-every",
         3,
         "--q-init-scale",
@@ -99,6 +99,10 @@ def pipeline(tmp_path_factory, corpus):
         2,
         "--batch-size",
         4,
+        "--calibration-batches",
+        1,
+        "--eval-batches",
+        2,
     )
     cli("convert", "--hf-path", dirs["normfree"], "--mlx-path", dirs["convert"], "--dtype", "bfloat16")
     return dirs
@@ -136,9 +140,9 @@ def test_every_command_writes_the_same_model_directory(pipeline, tmp_path):
         == 0
     )
     dirs = {**pipeline, "whatif": tmp_path / "whatif"}
-    for command, path in dirs.items():
+    for step, path in dirs.items():
         config = json.loads((path / "config.json").read_text())
-        assert config["mlx_skipless"]["command"] == command, command
+        assert config["mlx_skipless"]["command"] == step, step
         assert config["model_type"] == "skipless" and config["model_file"] == "skipless.py"
         assert config["architectures"] == ["SkiplessForCausalLM"] and "torch_dtype" in config
         assert set(ModelArgs.__dataclass_fields__) - set(config) <= {

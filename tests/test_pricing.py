@@ -3,12 +3,9 @@ and its conversion in one table of bits per byte (as mlx_skipless.evaluate score
 and decode tokens/s. Timings are not asserted."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from harness import build, tiny_args
+from harness import build, command, tiny_args
 
 from mlx_skipless import comparisons, counting, data, evaluate, modeldir, synthetic
 from mlx_skipless.convert import convert
@@ -20,11 +17,8 @@ TEXTS = [
 ]
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "price_of_skiplessness.py"
-
-
 def script(*argv):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True, text=True)
+    return command("price_of_skiplessness.py", *argv)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import reference
-from harness import build, logits, rel_err, tiny_args, tokens
+from harness import build, command, logits, rel_err, tiny_args, tokens
 
 from mlx_skipless import layout, names, optimizers, synthetic
 
@@ -110,9 +110,9 @@ def trained(tmp_path_factory):
         args = ModelArgs(vocab_size=tok.get_vocab_size(), **SHAPE, **form)
         model = Model(args)
         train.initialize(model, seed=0, q_scale=0.1)
-        before = train.validation_loss(model, corpus, 32)
+        before = train.validation_loss(model, corpus, 32, batches=2)
         options = train.TrainOptions(
-            steps=20, batch_size=8, context=32, lr=3e-3, eval_every=20, save_every=20, orthogonality=0.0
+            steps=20, batch_size=8, context=32, lr=3e-3, eval_every=20, eval_batches=2, save_every=20, orthogonality=0.0
         )
         state = train.train(model, args, tok, corpus, work / name, options, progress=False, log=lambda *_: None)
         runs[name] = (work / name, before, state["history"][-1]["val_loss"], state["options"])
@@ -135,10 +135,7 @@ def test_the_depth_scaling_is_for_stacks_without_skips():
 
 
 def run_cli(*argv, module="mlx_skipless.convert"):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True, timeout=300)
+    proc = command(module, *argv)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 

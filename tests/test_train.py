@@ -21,7 +21,7 @@ TINY = dict(
     block_norm="rmsnorm",
     final_norm="rmsnorm",
 )
-RUN = dict(batch_size=8, context=32, lr=3e-3, eval_every=10, save_every=10, orthogonality=0.0)
+RUN = dict(batch_size=8, context=32, lr=3e-3, eval_every=10, eval_batches=2, save_every=10, orthogonality=0.0)
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -46,7 +46,7 @@ def fresh(tok, **kw):
 def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.validation_loss(model, corpus, 32)
+    before = train.validation_loss(model, corpus, 32, batches=2)
     state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=30), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.5
     loaded, _ = load_model(str(tmp_path / "run"))  # the checkpoint is a skipless model directory
@@ -103,7 +103,16 @@ def test_normfree_removes_every_block_norm_exactly(setup, tmp_path, kind):
     model, args = fresh(tok, block_norm=kind)
     train.train(model, args, tok, corpus, tmp_path / "run", options(steps=20), **QUIET)
     folded, new_args, report = normfree.remove_norms(
-        model, args, corpus, steps_per_norm=2, final_steps=4, context=32, batch_size=8, log=lambda *_: None
+        model,
+        args,
+        corpus,
+        steps_per_norm=2,
+        final_steps=4,
+        context=32,
+        batch_size=8,
+        calibration_batches=1,
+        eval_batches=2,
+        log=lambda *_: None,
     )
     names = [k for k, _ in tree_flatten(folded.parameters())]
     assert not [k for k in names if "layers" in k and "norm" in k]
@@ -141,7 +150,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_reduced_and_norm_skip_forms_train_directly(setup, tmp_path, form):
     tok, corpus = setup
     model, args = fresh(tok, **form)
-    before = train.validation_loss(model, corpus, 32)
+    before = train.validation_loss(model, corpus, 32, batches=2)
     state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=20), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.3
 
@@ -194,7 +203,7 @@ def test_wsd_schedule_holds_then_cools_to_zero_on_the_optimizers_step_type():
 def test_every_optimizer_and_schedule_learns(setup, tmp_path, optimizer):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.validation_loss(model, corpus, 32)
+    before = train.validation_loss(model, corpus, 32, batches=2)
     state = train.train(
         model,
         args,

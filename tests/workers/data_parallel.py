@@ -32,6 +32,7 @@ options = train.TrainOptions(
     lr=3e-3,
     orthogonality=0.0,
     eval_every=6,
+    eval_batches=2,
     save_every=6,
     optimizer="muon",
     schedule="wsd",
