@@ -58,6 +58,11 @@ def args_of(entry: dict) -> ModelArgs:
     return ModelArgs(**entry["model"])
 
 
+def model_args(name: str) -> ModelArgs:
+    """The config of the zoo model `name`, the one place each known model's numbers are written."""
+    return args_of(lookup(models(), name, "model"))
+
+
 def skipless(args: ModelArgs) -> ModelArgs:
     """The architecture's skipless what-if: same shapes, nothing between blocks."""
     return replace(args, residual=False, block_norm=None, removed=None)

@@ -3,33 +3,12 @@
 python scripts/paper_table.py
 """
 
-from mlx_skipless import counting, fusion
-from mlx_skipless.models.skipless import ModelArgs
+from mlx_skipless import counting, fusion, zoo
 
+# the paper's models, from their zoo configs, in their skipless form (nothing between blocks)
 MODELS = {
-    "Mistral-7B": ModelArgs(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        final_norm="rmsnorm",
-    ),
-    "Pythia-6.9B": ModelArgs(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        intermediate_size=16384,
-        num_attention_heads=32,
-        vocab_size=50432,
-        parallel_block=True,
-        mlp_type="mlp",
-        hidden_act="gelu",
-        partial_rotary_factor=0.25,
-        attention_bias=True,
-        mlp_bias=True,
-        final_norm="layernorm",
-    ),
+    label: zoo.skipless(zoo.model_args(name))
+    for label, name in [("Mistral-7B", "mistral-7b"), ("Pythia-6.9B", "pythia-6.9b")]
 }
 
 

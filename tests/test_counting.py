@@ -4,32 +4,11 @@ exact figure for parallel blocks beside the paper's claim."""
 import pytest
 from harness import tiny_args
 
-from mlx_skipless import counting, fusion
-from mlx_skipless.models.skipless import ModelArgs
+from mlx_skipless import counting, fusion, zoo
 
-MISTRAL_7B = ModelArgs(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    final_norm="rmsnorm",
-)
-PYTHIA_6_9B = ModelArgs(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    intermediate_size=16384,
-    num_attention_heads=32,
-    vocab_size=50432,
-    parallel_block=True,
-    mlp_type="mlp",
-    hidden_act="gelu",
-    partial_rotary_factor=0.25,
-    attention_bias=True,
-    mlp_bias=True,
-    final_norm="layernorm",
-)
+# the zoo's configs (their numbers checked against the published counts in test_zoo.py)
+MISTRAL_7B = zoo.skipless(zoo.model_args("mistral-7b"))
+PYTHIA_6_9B = zoo.skipless(zoo.model_args("pythia-6.9b"))
 
 
 def test_mistral_7b_matches_the_paper():
