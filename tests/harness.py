@@ -3,6 +3,7 @@
 
 import contextlib
 import importlib
+import inspect
 import io
 import json
 import socket
@@ -103,8 +104,6 @@ def command(module: str, *argv) -> subprocess.CompletedProcess:
     run in this process: the same parser and main, without the second or two a new
     interpreter spends importing mlx-lm. Its exit code, stdout and stderr come back as a
     subprocess's would. Mains that take no argv (mlx-lm's, some scripts') read sys.argv."""
-    import inspect
-
     main = load_script(module[:-3]).main if module.endswith(".py") else importlib.import_module(module).main
     out, err, argv = io.StringIO(), io.StringIO(), [str(a) for a in argv]
     saved = sys.argv

@@ -62,6 +62,7 @@ def test_installed_package_has_the_zoo_and_runs_the_main_job(tmp_path):
     assert where.startswith(str(venv)), where
     listed = run(str(venv / "bin" / "mlx-skipless"), "zoo", "list")
     assert "mistral-7b" in listed and "skipless-python" in listed.split("recipes:")[1]
+    assert "Mistral-7B" in run(python, "-m", "mlx_skipless.zoo", "show", "mistral-7b")
     # the recipes are read from the installed package (a recipe's run: tests/test_zoo.py, test_cli.py)
     assert "recipes: skipless-python" in run(python, "-m", "mlx_skipless.zoo", "show", "skipless-python")
     run("bash", "-c", f"{python} -m mlx_skipless.convert && {python} -m mlx_skipless.generate --max-tokens 8")

@@ -25,6 +25,11 @@ RUN = dict(batch_size=8, context=32, lr=3e-3, eval_every=10, eval_batches=2, sav
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
+def scored(model, corpus):
+    """The validation loss on the windows a run of RUN's options reports on."""
+    return train.validation_loss(model, corpus, RUN["context"], batches=RUN["eval_batches"])
+
+
 def options(**kw):
     """RUN's training options, `kw` where given."""
     return train.TrainOptions(**{**RUN, **kw})
@@ -46,7 +51,7 @@ def fresh(tok, **kw):
 def test_loss_goes_down_and_checkpoint_loads(setup, tmp_path):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.validation_loss(model, corpus, 32, batches=2)
+    before = scored(model, corpus)
     state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=30), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.5
     loaded, _ = load_model(str(tmp_path / "run"))  # the checkpoint is a skipless model directory
@@ -150,7 +155,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_reduced_and_norm_skip_forms_train_directly(setup, tmp_path, form):
     tok, corpus = setup
     model, args = fresh(tok, **form)
-    before = train.validation_loss(model, corpus, 32, batches=2)
+    before = scored(model, corpus)
     state = train.train(model, args, tok, corpus, tmp_path / "run", options(steps=20), **QUIET)
     assert state["history"][-1]["val_loss"] < before - 0.3
 
@@ -203,7 +208,7 @@ def test_wsd_schedule_holds_then_cools_to_zero_on_the_optimizers_step_type():
 def test_every_optimizer_and_schedule_learns(setup, tmp_path, optimizer):
     tok, corpus = setup
     model, args = fresh(tok)
-    before = train.validation_loss(model, corpus, 32, batches=2)
+    before = scored(model, corpus)
     state = train.train(
         model,
         args,
